@@ -1,0 +1,36 @@
+# `make repro` runs the pipeline, `make test` the test suite; each sets up .venv first when needed.
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+WEIGHTS ?=
+
+export DVC_NO_ANALYTICS := 1
+
+.PHONY: install repro test lint
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(BIN)/.installed
+
+# make repro                 -> dvc repro with params.yaml as it is
+# make repro WEIGHTS=random  -> an experiment with extract.weights overridden (offline use)
+repro: install
+ifeq ($(WEIGHTS),)
+	PATH="$(abspath $(BIN)):$$PATH" dvc repro
+else
+	PATH="$(abspath $(BIN)):$$PATH" dvc exp run -S extract.weights=$(WEIGHTS)
+endif
+	PATH="$(abspath $(BIN)):$$PATH" dvc metrics show
+
+test: install
+	$(BIN)/ruff check pipeline tests
+	$(BIN)/ruff format --check pipeline tests
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest
+
+lint: install
+	$(BIN)/ruff check --fix pipeline tests
+	$(BIN)/ruff format pipeline tests
