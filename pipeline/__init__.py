@@ -1,0 +1,1 @@
+"""Transfer learning on frozen VGG features: prepare, extract, train and evaluate stages for DVC."""

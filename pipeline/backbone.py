@@ -1,0 +1,174 @@
+"""The frozen feature extractor: a torchvision VGG cut at a layer, with its weights and preprocessing."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+from torch import nn
+from torchvision.models import VGG, get_model_weights
+from torchvision.transforms import functional as F
+from torchvision.transforms._presets import ImageClassification
+
+from pipeline.config import ExtractConfig
+from pipeline.errors import PipelineError
+
+log = logging.getLogger(__name__)
+
+BLOCK_CHANNELS = (64, 128, 256, 512, 512)  # output channels of pool1 … pool5, the same in every VGG
+FC_DIM = 4096
+_FC_DEPTH = {"fc6": 2, "fc7": 5}  # classifier[:n]: Linear, ReLU (fc6) | + Dropout, Linear, ReLU (fc7)
+_DOWNLOAD_TIMEOUT_S = 15
+
+
+def feature_dim(layer: str, pool: str, image_size: int) -> int:
+    """Width D of the (N, D) features for a layer, pooling and input size."""
+    if layer in _FC_DEPTH:
+        return FC_DIM
+    k = int(layer.removeprefix("pool"))
+    side = image_size // 2**k  # each 2x2 max-pool floors the side
+    return BLOCK_CHANNELS[k - 1] * (1 if pool != "flatten" else side * side)
+
+
+# ---------------------------------------------------------------------------- preprocessing
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """The weights' own eval transform, split in two: resize and crop on the CPU, normalise on the device."""
+
+    resize_size: int
+    crop_size: int
+    interpolation: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def to_uint8(self, image: Any) -> torch.Tensor:
+        """PIL image -> (3, crop, crop) uint8 tensor, as the weights' transform does before scaling."""
+        mode = F.InterpolationMode(self.interpolation)
+        image = F.resize(image, [self.resize_size], interpolation=mode, antialias=True)
+        return F.pil_to_tensor(F.center_crop(image, [self.crop_size]))
+
+
+def preprocessing(arch: str, image_size: int) -> Preprocessing:
+    """Preprocessing from the arch's ImageNet weights meta, scaled to ``image_size`` (keeping its resize/crop ratio)."""
+    preset = get_model_weights(arch).IMAGENET1K_V1.transforms()
+    assert isinstance(preset, ImageClassification)
+    ratio = preset.resize_size[0] / preset.crop_size[0]  # 256 / 224 for the VGG weights
+    return Preprocessing(
+        resize_size=round(image_size * ratio),
+        crop_size=image_size,
+        interpolation=preset.interpolation.value,
+        mean=tuple(preset.mean),
+        std=tuple(preset.std),
+    )
+
+
+# ---------------------------------------------------------------------------- weights
+
+
+def load_weights(arch: str, spec: str) -> tuple[dict[str, torch.Tensor] | None, dict[str, str]]:
+    """State dict for ``extract.weights`` (None for ``random``) and its provenance description."""
+    if spec == "random":
+        return None, {"weights": "random", "weights_source": "random init seeded by params seed"}
+    if spec == "imagenet":
+        enum = get_model_weights(arch).IMAGENET1K_V1
+        return _imagenet_state_dict(enum), {
+            "weights": "imagenet",
+            "weights_source": f"{type(enum).__name__}.{enum.name}",
+        }
+    path = Path(spec)
+    if not path.is_file():
+        raise PipelineError(
+            f"extract.weights = {spec!r} is not valid: expected imagenet | random | the path of a state-dict file"
+        )
+    state = _torch_load(path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    return state, {"weights": spec, "weights_source": f"file {path.name} sha256:{digest}"}
+
+
+def _torch_load(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for a damaged or foreign file
+        raise PipelineError(f"{path} is not a loadable state dict: {err}") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise PipelineError(f"{path} does not hold a state dict (a mapping of parameter names to tensors)")
+    return state
+
+
+def _imagenet_state_dict(enum: Any) -> dict[str, torch.Tensor]:
+    """Load from the torch hub cache; download only when absent, and fail fast when that is impossible."""
+    cache_dir = Path(torch.hub.get_dir()) / "checkpoints"
+    filename = os.path.basename(enum.url)
+    cached = cache_dir / filename
+    if not cached.is_file():
+        log.info("downloading %s to %s", enum.url, cache_dir)
+        previous = socket.getdefaulttimeout()
+        socket.setdefaulttimeout(_DOWNLOAD_TIMEOUT_S)  # bounds connect and stalled reads, not a slow download
+        try:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            match = torch.hub.HASH_REGEX.search(filename)  # vgg16-397923af.pth -> 397923af
+            torch.hub.download_url_to_file(enum.url, str(cached), hash_prefix=match.group(1) if match else None)
+        except (OSError, RuntimeError) as err:
+            raise PipelineError(
+                f"ImageNet weights {filename} are not in the torch hub cache and could not be downloaded "
+                f"({type(err).__name__}: {err}). Either put {filename} in {cache_dir}/ (set TORCH_HOME to move "
+                "that cache), or set extract.weights to the path of a local state-dict file, or run offline "
+                "with extract.weights: random (make repro WEIGHTS=random)"
+            ) from None
+        finally:
+            socket.setdefaulttimeout(previous)
+    return _torch_load(cached)
+
+
+# ---------------------------------------------------------------------------- the network
+
+
+class FeatureExtractor(nn.Module):
+    """Frozen VGG cut at a layer: uint8 images (B, 3, H, W) -> features (B, D), normalised on the device."""
+
+    def __init__(self, body: nn.Module, pool: str, prep: Preprocessing) -> None:
+        super().__init__()
+        self.body = body
+        self.pool = {
+            "avg": nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1)),
+            "max": nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.Flatten(1)),
+            "flatten": nn.Flatten(1),
+        }[pool]
+        self.register_buffer("mean", torch.tensor(prep.mean).view(1, 3, 1, 1) * 255)
+        self.register_buffer("std", torch.tensor(prep.std).view(1, 3, 1, 1) * 255)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = (images.float() - self.mean) / self.std  # same as (x / 255 - mean) / std
+        return self.pool(self.body(x))
+
+
+def cut(model: VGG, layer: str) -> nn.Sequential:
+    """The part of ``model`` up to and including ``layer``; nothing after it is kept or computed."""
+    if layer in _FC_DEPTH:
+        return nn.Sequential(model.features, model.avgpool, nn.Flatten(1), *model.classifier[: _FC_DEPTH[layer]])
+    pools = [i for i, m in enumerate(model.features) if isinstance(m, nn.MaxPool2d)]
+    return model.features[: pools[int(layer.removeprefix("pool")) - 1] + 1]
+
+
+def build_extractor(cfg: ExtractConfig, seed: int) -> tuple[FeatureExtractor, Preprocessing, dict[str, str]]:
+    """The frozen extractor in eval mode with gradients off, its preprocessing, and its weights provenance."""
+    state, weights_info = load_weights(cfg.arch, cfg.weights)
+    torch.manual_seed(seed)  # `random` weights are a function of the seed
+    model = torchvision.models.get_model(cfg.arch, weights=None)
+    if state is not None:
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as err:
+            raise PipelineError(f"extract.weights = {cfg.weights!r} does not fit {cfg.arch}: {err}") from None
+    prep = preprocessing(cfg.arch, cfg.image_size)
+    extractor = FeatureExtractor(cut(model, cfg.layer), cfg.pool, prep).eval().requires_grad_(False)
+    return extractor, prep, weights_info

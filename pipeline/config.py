@@ -1,0 +1,221 @@
+"""Typed parameters: one frozen dataclass per ``params.yaml`` section, and the only reader of that file.
+
+Every key is checked before any work: unknown keys (with the closest valid name), types, ranges
+and choices. A failure raises :class:`ConfigError` naming the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from pipeline.errors import PipelineError
+
+PARAMS_FILE = Path("params.yaml")
+
+Source = Literal["digits", "imagefolder", "cifar10"]
+Arch = Literal["vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn"]
+Layer = Literal["pool1", "pool2", "pool3", "pool4", "pool5", "fc6", "fc7"]
+Pool = Literal["avg", "max", "flatten"]
+View = Literal["original", "hflip"]
+StorageDtype = Literal["float16", "float32"]
+HeadKind = Literal["linear", "mlp", "logreg"]
+Optimizer = Literal["sgd", "adamw"]
+
+_DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
+
+
+class ConfigError(PipelineError):
+    """A parameter in ``params.yaml`` is unknown, of the wrong type or out of range."""
+
+
+def _range(default: float, lo: float | None = None, hi: float | None = None, *, lo_open: bool = False) -> Any:
+    """A numeric field with its default and its allowed range (``lo_open``: the bound itself is excluded)."""
+    return field(default=default, metadata={"lo": lo, "hi": hi, "lo_open": lo_open})
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: Source = "digits"
+    root: str = "data/raw"
+    download: bool = False
+    val_fraction: float = _range(0.1, 0.0, 0.9, lo_open=True)
+    test_fraction: float = _range(0.2, 0.0, 0.9, lo_open=True)
+    per_class_limit: int = _range(0, 0)
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    arch: Arch = "vgg16"
+    weights: str = "imagenet"  # imagenet | random | path to a state dict
+    layer: Layer = "pool5"
+    pool: Pool = "avg"
+    image_size: int = _range(64, 32, 1024)
+    views: tuple[View, ...] = ("original",)
+    batch_size: int = _range(64, 1)
+    storage_dtype: StorageDtype = "float16"
+    device: str = "auto"
+    num_workers: int = _range(2, 0, 64)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    head: HeadKind = "mlp"
+    hidden: tuple[int, ...] = (512, 256)
+    dropout: float = _range(0.5, 0.0, 1.0)
+    standardize: bool = True
+    optimizer: Optimizer = "sgd"
+    lr: float = _range(0.01, 0.0, lo_open=True)
+    momentum: float = _range(0.8, 0.0, 1.0)
+    weight_decay: float = _range(0.001, 0.0)
+    epochs: int = _range(30, 1)
+    batch_size: int = _range(64, 1)
+    lr_step: int = _range(10, 1)
+    lr_gamma: float = _range(0.5, 0.0, 1.0, lo_open=True)
+    logreg_C: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0)
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    top_k: int = _range(5, 1)
+
+
+@dataclass(frozen=True)
+class Params:
+    seed: int = _range(0, 0, 2**32 - 1)
+    data: DataConfig = field(default_factory=DataConfig)
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+
+
+def load_params(path: str | Path = PARAMS_FILE) -> Params:
+    """Read and validate ``params.yaml``; every key is checked before any stage does work."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path} not found: run the stage from the project root, where params.yaml is")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    return parse_params(raw)
+
+
+def parse_params(raw: Any) -> Params:
+    """Build :class:`Params` from the already-parsed YAML mapping."""
+    params = _build(Params, raw, "")
+    _check_combinations(params)
+    return params
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    where = prefix.rstrip(".") or "params.yaml"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} = {raw!r} is not valid: expected a mapping of keys to values")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
+            allowed = ", ".join(prefix + name for name in fields)
+            raise ConfigError(f"unknown key '{prefix}{key}'{hint} Valid keys here: {allowed}")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, f in fields.items():
+        if name not in raw:
+            continue  # the dataclass default applies
+        values[name] = _coerce(hints[name], raw[name], f"{prefix}{name}", f.metadata)
+    return cls(**values)
+
+
+def _coerce(hint: Any, value: Any, key: str, meta: typing.Mapping[str, Any]) -> Any:
+    def bad(expected: str) -> ConfigError:
+        return ConfigError(f"{key} = {value!r} is not valid: expected {expected}")
+
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key + ".")
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise bad("one of " + " | ".join(map(str, choices)))
+        return value
+    if origin is tuple:
+        (item,) = {a for a in typing.get_args(hint) if a is not Ellipsis}
+        if not isinstance(value, list):
+            raise bad(f"a list of {_describe(item)}")
+        return tuple(_coerce(item, v, f"{key}[{i}]", meta) for i, v in enumerate(value))
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise bad("true or false")
+        return value
+    if hint is str:
+        if not isinstance(value, str) or not value:
+            raise bad("a non-empty string")
+        return value
+    if hint in (int, float):
+        ok = isinstance(value, int) if hint is int else isinstance(value, (int, float))
+        if not ok or isinstance(value, bool):
+            raise bad(_describe(hint, meta))
+        lo, hi = meta.get("lo"), meta.get("hi")
+        too_low = lo is not None and (value <= lo if meta.get("lo_open") else value < lo)
+        if too_low or (hi is not None and value > hi):
+            raise bad(_describe(hint, meta))
+        return hint(value)
+    raise AssertionError(f"unsupported parameter type {hint!r} for {key}")
+
+
+def _describe(hint: Any, meta: typing.Mapping[str, Any] | None = None) -> str:
+    if typing.get_origin(hint) is Literal:
+        return " | ".join(map(str, typing.get_args(hint)))
+    noun = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}[hint]
+    meta = meta or {}
+    lo, hi = meta.get("lo"), meta.get("hi")
+    if lo is not None and hi is not None:
+        return f"{noun} in {'(' if meta.get('lo_open') else '['}{lo}, {hi}]"
+    if lo is not None:
+        return f"{noun} {'>' if meta.get('lo_open') else '>='} {lo}"
+    return noun
+
+
+def _check_combinations(p: Params) -> None:
+    """Checks that involve more than one key."""
+    if p.data.val_fraction + p.data.test_fraction >= 1.0:
+        raise ConfigError(
+            f"data.val_fraction + data.test_fraction = {p.data.val_fraction + p.data.test_fraction:g} "
+            "is not valid: expected a sum below 1, leaving images to train on"
+        )
+    ex = p.extract
+    if ex.views[:1] != ("original",) or len(set(ex.views)) != len(ex.views):
+        raise ConfigError(
+            f"extract.views = {list(ex.views)!r} is not valid: expected 'original' first, "
+            "then optionally 'hflip', without repeats"
+        )
+    if ex.layer.startswith("fc") and ex.pool != "flatten":
+        raise ConfigError(
+            f"extract.pool = {ex.pool!r} is not valid with extract.layer = {ex.layer!r}: fully connected "
+            "layers output a vector, so only pool: flatten applies"
+        )
+    for key, device in (("extract.device", ex.device), ("train.device", p.train.device)):
+        if not _DEVICE.match(device):
+            raise ConfigError(f"{key} = {device!r} is not valid: expected auto | cpu | cuda | cuda:N")
+    if not p.train.logreg_C or any(c <= 0 for c in p.train.logreg_C):
+        raise ConfigError(
+            f"train.logreg_C = {list(p.train.logreg_C)!r} is not valid: expected a non-empty list of numbers > 0"
+        )
+    if any(h < 1 for h in p.train.hidden):
+        raise ConfigError(f"train.hidden = {list(p.train.hidden)!r} is not valid: expected layer widths >= 1")
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    """Plain, JSON-able form of a config section, for logs and provenance."""
+    out = dataclasses.asdict(obj)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}

@@ -1,0 +1,180 @@
+"""The HDF5 feature cache: one writer, one reader, and the one place that knows the provenance fields.
+
+Layout of ``{split}.h5``::
+
+    features          (N, D)  float16|float32  rows aligned to the split's rows in the manifest
+    features_hflip    (N, D)  same dtype       train split only, when extract.views has hflip
+    labels            (N,)    int64
+    ids               (N,)    utf-8 strings     item ids from the manifest
+    attrs             provenance (see PROVENANCE_KEYS)
+
+Every dataset is chunked along N with chunks of at most about 1 MiB, and created with
+``track_times=False`` so that the same inputs give byte-identical files.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from pipeline.errors import PipelineError
+
+SCHEMA = 1
+CHUNK_BYTES = 1 << 20
+
+# What determines the features; train and evaluate compare these against what they were asked to use.
+IDENTITY_KEYS = ("arch", "weights", "layer", "pool", "image_size", "views", "storage_dtype", "class_names")
+PROVENANCE_KEYS = IDENTITY_KEYS + (
+    "schema",
+    "split",
+    "feature_dim",
+    "weights_source",
+    "seed",
+    "resize_size",
+    "interpolation",
+    "mean",
+    "std",
+    "torch_version",
+    "torchvision_version",
+)
+
+
+def dataset_name(view: str) -> str:
+    return "features" if view == "original" else f"features_{view}"
+
+
+def chunk_rows(dim: int, itemsize: int, n: int) -> int:
+    """Rows per chunk so that a chunk of an (n, dim) dataset stays within about 1 MiB."""
+    return max(1, min(n, CHUNK_BYTES // (dim * itemsize)))
+
+
+class FeatureWriter:
+    """Streams (rows, D) blocks into a new split file; it appears under its name only once complete."""
+
+    def __init__(
+        self, path: Path, *, n: int, dim: int, dtype: str, views: Sequence[str], provenance: Mapping[str, Any]
+    ) -> None:
+        missing = set(PROVENANCE_KEYS) - set(provenance)
+        assert not missing, f"provenance lacks {sorted(missing)}"
+        self.path = Path(path)
+        self._tmp = self.path.with_name(self.path.name + ".partial")
+        self._file = h5py.File(self._tmp, "w")
+        self._n = n
+        chunks = n > 0  # HDF5 cannot chunk an empty dataset
+        for view in views:
+            self._file.create_dataset(
+                dataset_name(view),
+                shape=(n, dim),
+                dtype=dtype,
+                chunks=(chunk_rows(dim, np.dtype(dtype).itemsize, n), dim) if chunks else None,
+                track_times=False,
+            )
+        self._file.create_dataset(
+            "labels", shape=(n,), dtype="int64", chunks=(chunk_rows(1, 8, n),) if chunks else None, track_times=False
+        )
+        self._file.create_dataset(
+            "ids",
+            shape=(n,),
+            dtype=h5py.string_dtype("utf-8"),
+            chunks=(chunk_rows(1, 64, n),) if chunks else None,
+            track_times=False,
+        )
+        for key in PROVENANCE_KEYS:
+            self._file.attrs[key] = _to_attr(provenance[key])
+
+    def write(self, start: int, features: Mapping[str, np.ndarray], labels: np.ndarray, ids: Sequence[str]) -> None:
+        """Write rows [start, start + len(labels)); ``features`` maps each view to its (rows, D) block."""
+        stop = start + len(labels)
+        for view, block in features.items():
+            self._file[dataset_name(view)][start:stop] = block
+        self._file["labels"][start:stop] = labels
+        self._file["ids"][start:stop] = list(ids)
+
+    def close(self) -> None:
+        """Finish the file and move it into place."""
+        self._file.close()
+        os.replace(self._tmp, self.path)
+
+    def abort(self) -> None:
+        self._file.close()
+        self._tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> FeatureWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        self.close() if exc_type is None else self.abort()
+
+
+@dataclass(frozen=True)
+class FeatureSet:
+    """One split read back into memory."""
+
+    features: dict[str, np.ndarray]  # view -> (N, D) float32
+    labels: np.ndarray  # (N,) int64
+    ids: list[str]
+    provenance: dict[str, Any]
+
+
+def read_provenance(path: Path) -> dict[str, Any]:
+    with _open(path) as f:
+        return {key: _from_attr(value) for key, value in f.attrs.items()}
+
+
+def read_features(path: Path) -> FeatureSet:
+    """Load a whole split, every cached view, as float32."""
+    with _open(path) as f:
+        provenance = {key: _from_attr(value) for key, value in f.attrs.items()}
+        views = provenance["views"] if provenance["split"] == "train" else ["original"]
+        features = {view: f[dataset_name(view)][:].astype(np.float32) for view in views}
+        labels = f["labels"][:]
+        ids = [s.decode("utf-8") for s in f["ids"][:]]
+    return FeatureSet(features, labels, ids, provenance)
+
+
+def check_provenance(provenance: Mapping[str, Any], expected: Mapping[str, Any], *, source: str) -> None:
+    """Refuse features (or a head) made with other settings than the ones asked for, naming what differs."""
+    for key, want in expected.items():
+        have = provenance.get(key)
+        if have != want:
+            raise PipelineError(
+                f"{source} was made with {key} = {have!r}, but {want!r} is asked for. "
+                "Re-run the stages before this one (dvc repro) so that they match"
+            )
+
+
+def _open(path: Path) -> h5py.File:
+    if not Path(path).is_file():
+        raise PipelineError(f"{path} not found: run the extract stage first (dvc repro extract)")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as err:
+        raise PipelineError(f"{path} is not a readable HDF5 feature file: {err}") from None
+    if f.attrs.get("schema") != SCHEMA:
+        f.close()
+        raise PipelineError(f"{path} is not a feature file of this pipeline (schema {SCHEMA}); re-run extract")
+    return f
+
+
+def _to_attr(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        if all(isinstance(v, str) for v in value):
+            return np.array(value, dtype=h5py.string_dtype("utf-8"))
+        return np.asarray(value, dtype=np.float64)
+    return value
+
+
+def _from_attr(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return [
+            v.decode("utf-8") if isinstance(v, bytes) else v.item() if isinstance(v, np.generic) else v for v in value
+        ]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value

@@ -1,0 +1,272 @@
+"""Image sources (digits, imagefolder, cifar10): labelled items, the split manifest, and image readers.
+
+An item is identified by a string id that its source can open again:
+- digits: ``digits/0042`` (index into scikit-learn's bundled digits);
+- imagefolder: the image's path relative to ``data.root``, e.g. ``cat/001.jpg`` or ``train/cat/001.jpg``;
+- cifar10: ``train/00042`` or ``test/00042`` (index into the official batches).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import pickle
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from pipeline.config import DataConfig
+from pipeline.errors import PipelineError
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+MANIFEST = "manifest.csv"
+CLASSES = "classes.json"
+_CIFAR_DIR = "cifar-10-batches-py"
+
+
+@dataclass(frozen=True)
+class Item:
+    id: str
+    label: int
+    split: str
+
+
+# ---------------------------------------------------------------------------- discovery
+
+
+def discover(cfg: DataConfig, seed: int) -> tuple[list[Item], list[str]]:
+    """All labelled items of the configured source with their splits, and the class names."""
+    if cfg.source == "digits":
+        ids, labels, classes = _digits_items()
+        items = _split(ids, labels, cfg, seed)
+    elif cfg.source == "cifar10":
+        items, classes = _cifar_items(cfg, seed)
+    else:
+        items, classes = _imagefolder_items(cfg, seed)
+    if cfg.per_class_limit:
+        items = limit_per_class(items, cfg.per_class_limit, seed)
+    return items, classes
+
+
+def _digits_items() -> tuple[list[str], list[int], list[str]]:
+    from sklearn.datasets import load_digits
+
+    target = load_digits().target
+    return [f"digits/{i:04d}" for i in range(len(target))], target.tolist(), [str(d) for d in range(10)]
+
+
+def _split(ids: Sequence[str], labels: Sequence[int], cfg: DataConfig, seed: int) -> list[Item]:
+    """Stratified train/val/test split of one pool of items, reproducible from ``seed``."""
+    splits = split_stratified(labels, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=seed)
+    return [Item(i, lab, s) for i, lab, s in zip(ids, labels, splits, strict=True)]
+
+
+def split_stratified(labels: Sequence[int], *, val_fraction: float, test_fraction: float, seed: int) -> list[str]:
+    """Assign each position to train, val or test, stratified by label."""
+    from sklearn.model_selection import train_test_split
+
+    index = np.arange(len(labels))
+    y = np.asarray(labels)
+    splits = np.full(len(labels), "train", dtype=object)
+    try:
+        rest, test = index, index[:0]
+        if test_fraction > 0:
+            rest, test = train_test_split(index, test_size=test_fraction, stratify=y, random_state=seed)
+        val_share = val_fraction / (1 - test_fraction)
+        _, val = train_test_split(rest, test_size=val_share, stratify=y[rest], random_state=seed)
+    except ValueError as err:
+        counts = np.bincount(y)
+        raise PipelineError(
+            f"cannot split {len(y)} images into train/val/test by class ({err}); smallest class has "
+            f"{counts[counts > 0].min()} images. Add images, or give explicit train/ val/ test/ folders"
+        ) from None
+    splits[test] = "test"
+    splits[val] = "val"
+    return splits.tolist()
+
+
+def limit_per_class(items: list[Item], limit: int, seed: int) -> list[Item]:
+    """Keep ``limit`` training items per class, chosen by ``seed``; val and test are untouched."""
+    rng = np.random.default_rng(seed)
+    keep: set[str] = set()
+    by_class: dict[int, list[str]] = {}
+    for item in items:
+        if item.split == "train":
+            by_class.setdefault(item.label, []).append(item.id)
+    for ids in by_class.values():
+        keep.update(ids if len(ids) <= limit else rng.choice(ids, size=limit, replace=False).tolist())
+    return [it for it in items if it.split != "train" or it.id in keep]
+
+
+def _image_files(folder: Path) -> list[Path]:
+    files = (
+        p
+        for p in folder.rglob("*")
+        if p.suffix.lower() in IMAGE_EXTENSIONS
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
+    return sorted(files)
+
+
+def _class_dirs(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _imagefolder_items(cfg: DataConfig, seed: int) -> tuple[list[Item], list[str]]:
+    root = Path(cfg.root)
+    if not root.is_dir():
+        raise PipelineError(f"data.root = {cfg.root!r} is not a directory: put one folder of images per class there")
+    split_dirs = {s: root / s for s in SPLITS if (root / s).is_dir()}
+    bases = list(split_dirs.values()) if split_dirs else [root]
+    classes = sorted({d.name for base in bases for d in _class_dirs(base)})
+    if not classes:
+        raise PipelineError(f"no class folders under {root}: expected {root}/<class>/<image> or {root}/train/<class>/…")
+    label_of = {c: i for i, c in enumerate(classes)}
+
+    def collect(base: Path) -> tuple[list[str], list[int]]:
+        ids, labels = [], []
+        for d in _class_dirs(base):
+            for f in _image_files(d):
+                ids.append(f.relative_to(root).as_posix())
+                labels.append(label_of[d.name])
+        return ids, labels
+
+    if not split_dirs:
+        ids, labels = collect(root)
+        return _split(ids, labels, cfg, seed), classes
+    if "train" not in split_dirs:
+        raise PipelineError(f"{root} has {', '.join(split_dirs)} folders but no train/ folder")
+    ids, labels = collect(split_dirs["train"])
+    carve = {"val": cfg.val_fraction, "test": cfg.test_fraction}
+    missing = {s: f for s, f in carve.items() if s not in split_dirs}
+    if missing:  # carve the missing splits out of train, stratified
+        cut = _split(ids, labels, DataConfig(val_fraction=carve["val"], test_fraction=carve["test"]), seed)
+        items = [Item(it.id, it.label, it.split if it.split in missing else "train") for it in cut]
+    else:
+        items = [Item(i, lab, "train") for i, lab in zip(ids, labels, strict=True)]
+    for s in ("val", "test"):
+        if s in split_dirs:
+            s_ids, s_labels = collect(split_dirs[s])
+            items += [Item(i, lab, s) for i, lab in zip(s_ids, s_labels, strict=True)]
+    return items, classes
+
+
+def _cifar_items(cfg: DataConfig, seed: int) -> tuple[list[Item], list[str]]:
+    root = Path(cfg.root)
+    if cfg.download:
+        from torchvision.datasets import CIFAR10
+        from torchvision.datasets.utils import download_and_extract_archive
+
+        if not (root / _CIFAR_DIR).is_dir():
+            download_and_extract_archive(CIFAR10.url, str(root), filename=CIFAR10.filename, md5=CIFAR10.tgz_md5)
+    classes = [str(c) for c in _unpickle(_cifar_file(root, "batches.meta"))["label_names"]]
+    train_labels = np.concatenate([_cifar_batch(root, f"data_batch_{i}")[1] for i in range(1, 6)])
+    test_labels = _cifar_batch(root, "test_batch")[1]
+    train_ids = [f"train/{i:05d}" for i in range(len(train_labels))]
+    # CIFAR-10 has an official test set; validation comes out of its training set
+    splits = split_stratified(train_labels.tolist(), val_fraction=cfg.val_fraction, test_fraction=0.0, seed=seed)
+    items = [Item(i, int(lab), s) for i, lab, s in zip(train_ids, train_labels, splits, strict=True)]
+    items += [Item(f"test/{i:05d}", int(lab), "test") for i, lab in enumerate(test_labels)]
+    return items, classes
+
+
+# ---------------------------------------------------------------------------- manifest
+
+
+def write_manifest(out_dir: Path, items: Sequence[Item], classes: Sequence[str]) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / MANIFEST, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(["id", "split", "label"])
+        writer.writerows([it.id, it.split, it.label] for it in items)
+    (out_dir / CLASSES).write_text(json.dumps(list(classes), indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def read_manifest(prepared_dir: Path) -> tuple[list[Item], list[str]]:
+    path = prepared_dir / MANIFEST
+    if not path.is_file():
+        raise PipelineError(f"{path} not found: run the prepare stage first (dvc repro prepare)")
+    with open(path, newline="", encoding="utf-8") as f:
+        items = [Item(row["id"], int(row["label"]), row["split"]) for row in csv.DictReader(f)]
+    classes = json.loads((prepared_dir / CLASSES).read_text(encoding="utf-8"))
+    return items, classes
+
+
+# ---------------------------------------------------------------------------- readers
+
+
+class ImageReader:
+    """Opens an item id of one source as an RGB PIL image. Cheap to copy into DataLoader workers."""
+
+    def __init__(self, cfg: DataConfig) -> None:
+        self.source = cfg.source
+        self.root = Path(cfg.root)
+        self._arrays: dict[str, np.ndarray] = {}
+        if cfg.source == "digits":
+            from sklearn.datasets import load_digits
+
+            # 8x8 intensities 0..16 -> uint8 0..255
+            self._arrays["digits"] = np.round(load_digits().images * (255 / 16)).astype(np.uint8)
+        elif cfg.source == "cifar10":
+            train = [_cifar_batch(self.root, f"data_batch_{i}")[0] for i in range(1, 6)]
+            self._arrays["train"] = np.concatenate(train)
+            self._arrays["test"] = _cifar_batch(self.root, "test_batch")[0]
+
+    def __call__(self, item_id: str) -> Image.Image:
+        if self.source == "imagefolder":
+            with Image.open(self.root / item_id) as img:
+                return ImageOps.exif_transpose(img).convert("RGB")
+        group, index = item_id.split("/")
+        return Image.fromarray(self._arrays[group][int(index)]).convert("RGB")
+
+
+# ---------------------------------------------------------------------------- CIFAR-10 files
+
+
+def _cifar_file(root: Path, name: str) -> Path:
+    path = root / _CIFAR_DIR / name
+    if not path.is_file():
+        raise PipelineError(
+            f"{path} not found: data.source is cifar10, so data.root must hold {_CIFAR_DIR}/ "
+            "(set data.download: true to fetch it)"
+        )
+    return path
+
+
+def _cifar_batch(root: Path, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """One CIFAR-10 batch as (N, 32, 32, 3) uint8 images and (N,) labels."""
+    entry = _unpickle(_cifar_file(root, name))
+    images = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    return np.ascontiguousarray(images), np.asarray(entry["labels"], dtype=np.int64)
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """CIFAR-10 ships as pickles; this unpickler builds plain containers and numpy arrays only."""
+
+    _ALLOWED = {
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("_codecs", "encode"),  # how protocol-2 pickles written by Python 3 store bytes
+    }
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}: not part of a CIFAR-10 batch")
+        return super().find_class(module, name)
+
+
+def _unpickle(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            return _ArrayUnpickler(f, encoding="latin1").load()
+    except (pickle.UnpicklingError, EOFError, ValueError) as err:
+        raise PipelineError(f"{path} is not a readable CIFAR-10 batch: {err}") from None
