@@ -1,0 +1,184 @@
+"""Shared fixtures: tiny generated image folders, a tiny CIFAR-style directory, and a project copy for dvc."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+PROJECT_FILES = ("dvc.yaml", "params.yaml", "pipeline", ".dvc/config", ".dvc/.gitignore", ".dvcignore", "data/raw")
+
+# Fast settings for end-to-end runs: random weights, the smallest VGG, small images, few epochs.
+FAST_PARAMS = {
+    "extract": {"arch": "vgg11", "weights": "random", "image_size": 32, "batch_size": 16, "num_workers": 0},
+    "train": {"epochs": 5},
+}
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """No analytics, no real torch hub cache, and no way out of loopback for any download attempt."""
+    monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path_factory.mktemp("torch_home")))
+    for var in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")  # the discard port: refused at once
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+
+
+def color_image(rng: np.random.Generator, label: int, size: int = 12, mode: str = "RGB") -> Image.Image:
+    """A noisy image whose dominant channel encodes ``label`` (easy to tell apart, even with random features)."""
+    pixels = rng.integers(0, 60, size=(size, size, 3), dtype=np.uint8)
+    pixels[..., label % 3] += 180
+    if label >= 3:
+        pixels[: size // 2] = 255 - pixels[: size // 2]
+    return Image.fromarray(pixels).convert(mode)
+
+
+def make_imagefolder(
+    root: Path, classes: tuple[str, ...] = ("cat", "dog"), per_class: int = 10, *, seed: int = 0, ext: str = ".png"
+) -> Path:
+    rng = np.random.default_rng(seed)
+    for label, name in enumerate(classes):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            color_image(rng, label).save(root / name / f"{i:03d}{ext}")
+    return root
+
+
+@pytest.fixture
+def imagefolder(tmp_path: Path) -> Path:
+    return make_imagefolder(tmp_path / "images")
+
+
+def make_cifar(root: Path, per_batch: int = 10, *, seed: int = 0) -> Path:
+    """A CIFAR-10 python-format directory with the real file names and layout, and tiny batches."""
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        labels = [i % 10 for i in range(per_batch)]
+        data = rng.integers(0, 256, size=(per_batch, 3072), dtype=np.uint8)
+        with open(folder / name, "wb") as f:
+            pickle.dump({"batch_label": name, "labels": labels, "data": data, "filenames": []}, f, protocol=2)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": names, "num_cases_per_batch": per_batch, "num_vis": 3072}, f, protocol=2)
+    return root
+
+
+def write_params(project: Path, overrides: dict) -> None:
+    path = project / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    for section, values in overrides.items():
+        if isinstance(values, dict):
+            params[section].update(values)
+        else:
+            params[section] = values
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def git(project: Path, *args: str) -> None:
+    identity = ["-c", "user.email=ci@example.com", "-c", "user.name=ci"]
+    subprocess.run(["git", *identity, *args], cwd=project, check=True, capture_output=True)
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    """A committed copy of this project (no outputs) with fast parameters, ready for real dvc commands."""
+    dest = tmp_path / "project"
+    for name in PROJECT_FILES:
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+    write_params(dest, FAST_PARAMS)
+    git(dest, "init", "-q")
+    git(dest, "add", "-A")
+    git(dest, "commit", "-qm", "project copy")
+    return dest
+
+
+def run(project: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run a command in ``project`` (dvc or python -m pipeline.*), capturing output."""
+    # `python` in the stages' commands, and `dvc`, must be this interpreter's
+    env = os.environ | {
+        "PYTHONPATH": str(project),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
+    result = subprocess.run(args, cwd=project, env=env, capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def feature_provenance(**changes: object) -> dict:
+    """Provenance as extract writes it for the FAST_PARAMS project settings."""
+    from pipeline import features
+
+    base = {
+        "schema": features.SCHEMA,
+        "arch": "vgg11",
+        "weights": "random",
+        "weights_source": "random init seeded by params seed",
+        "seed": 0,
+        "layer": "pool5",
+        "pool": "avg",
+        "image_size": 32,
+        "resize_size": 37,
+        "interpolation": "bilinear",
+        "mean": [0.485, 0.456, 0.406],
+        "std": [0.229, 0.224, 0.225],
+        "views": ["original"],
+        "storage_dtype": "float16",
+        "class_names": ["a", "b", "c"],
+        "split": "train",
+        "feature_dim": 16,
+        "torch_version": "2.x",
+        "torchvision_version": "0.x",
+    }
+    return base | changes
+
+
+def write_blob_features(out_dir: Path, *, n: int = 90, dim: int = 16, seed: int = 0, **changes: object) -> None:
+    """train/val/test files of well separated Gaussian blobs, one per class, with the given provenance."""
+    from pipeline import features
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    centers = rng.standard_normal((3, dim)) * 4
+    for split in ("train", "val", "test"):
+        labels = np.arange(n) % 3
+        x = (centers[labels] + rng.standard_normal((n, dim))).astype(np.float32)
+        prov = feature_provenance(split=split, feature_dim=dim, **changes)
+        views = prov["views"] if split == "train" else ["original"]
+        with features.FeatureWriter(
+            out_dir / f"{split}.h5", n=n, dim=dim, dtype="float32", views=views, provenance=prov
+        ) as writer:
+            blocks = {v: x + 10 * i for i, v in enumerate(views)}
+            writer.write(0, blocks, labels, [f"{split}/{i}" for i in range(n)])
+
+
+# The paths dvc.yaml passes to each stage.
+STAGE_ARGS = {
+    "prepare": ["--out", "data/prepared"],
+    "extract": ["--prepared", "data/prepared", "--out", "data/features"],
+    "train": ["--features", "data/features", "--out", "models/head.pt", "--live", "reports/train"],
+    "evaluate": ["--features", "data/features", "--head", "models/head.pt", "--live", "reports/evaluate"],
+}
+
+
+def run_stage(project: Path, stage: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run one stage by hand, as dvc.yaml does, in ``project``."""
+    return run(project, "python", "-m", f"pipeline.{stage}", *STAGE_ARGS[stage], check=check)

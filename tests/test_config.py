@@ -1,0 +1,80 @@
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import ConfigError, Params, load_params, parse_params
+from tests.conftest import ROOT, STAGE_ARGS, run_stage, write_params
+
+
+def shipped() -> dict:
+    return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def with_change(section: str, key: str, value: object) -> dict:
+    raw = shipped()
+    raw[section][key] = value
+    return raw
+
+
+def test_shipped_params_parse_and_match_the_defaults():
+    params = load_params(ROOT / "params.yaml")
+    assert params.extract.arch == "vgg16" and params.train.head == "mlp"
+    assert params.extract.views == ("original",)
+    # the dataclass defaults are the shipped file, so a key left out means the documented value
+    assert parse_params({}) == params
+
+
+def test_params_are_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        Params().seed = 3  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (with_change("extract", "imagesize", 64), ["extract.imagesize", "did you mean 'extract.image_size'"]),
+        ({"sed": 1}, ["'sed'", "did you mean 'seed'"]),
+        (with_change("extract", "batch_size", "big"), ["extract.batch_size", "'big'", "an integer >= 1"]),
+        (with_change("extract", "batch_size", 0), ["extract.batch_size", "0", "an integer >= 1"]),
+        (with_change("extract", "image_size", 16), ["extract.image_size", "16", "[32, 1024]"]),
+        (with_change("train", "lr", 0), ["train.lr", "a number > 0"]),
+        (with_change("train", "lr", True), ["train.lr", "True", "a number"]),
+        (with_change("train", "standardize", "yes"), ["train.standardize", "'yes'", "true or false"]),
+        (with_change("train", "head", "svm"), ["train.head", "'svm'", "linear | mlp | logreg"]),
+        (with_change("extract", "arch", "resnet50"), ["extract.arch", "'resnet50'", "vgg11 | vgg11_bn"]),
+        (with_change("extract", "layer", "conv3"), ["extract.layer", "pool1 | pool2"]),
+        (with_change("extract", "views", ["hflip"]), ["extract.views", "'original' first"]),
+        (with_change("extract", "views", "original"), ["extract.views", "a list of original | hflip"]),
+        (with_change("extract", "layer", "fc7"), ["extract.pool", "'avg'", "fc7", "pool: flatten"]),
+        (with_change("extract", "device", "gpu"), ["extract.device", "'gpu'", "auto | cpu | cuda | cuda:N"]),
+        (with_change("data", "test_fraction", 0.95), ["data.test_fraction", "0.95", "(0.0, 0.9]"]),
+        (with_change("train", "hidden", [512, "x"]), ["train.hidden[1]", "'x'", "an integer"]),
+        (with_change("train", "logreg_C", []), ["train.logreg_C", "non-empty"]),
+        ({"data": [1, 2]}, ["data", "a mapping"]),
+    ],
+)
+def test_bad_parameters_name_key_value_and_what_is_allowed(raw, expected):
+    with pytest.raises(ConfigError) as err:
+        parse_params(raw)
+    for fragment in expected:
+        assert fragment in str(err.value)
+
+
+def test_fractions_must_leave_training_images():
+    raw = with_change("data", "val_fraction", 0.5)
+    raw["data"]["test_fraction"] = 0.5
+    with pytest.raises(ConfigError, match=r"val_fraction \+ data.test_fraction = 1"):
+        parse_params(raw)
+
+
+@pytest.mark.parametrize("stage", list(STAGE_ARGS))
+def test_every_stage_rejects_bad_params_before_any_work(project: Path, stage: str):
+    write_params(project, {"train": {"epochs": -1}})
+    result = run_stage(project, stage, check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == ["error: train.epochs = -1 is not valid: expected an integer >= 1"]
+    assert not any((project / d).exists() for d in ("data/prepared", "data/features", "models", "reports"))

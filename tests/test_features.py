@@ -1,0 +1,91 @@
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from pipeline import features
+from pipeline.errors import PipelineError
+from tests.conftest import feature_provenance
+
+
+def provenance(**changes: object) -> dict:
+    base = {"pool": "flatten", "feature_dim": 2048, "views": ["original", "hflip"], "class_names": ["caf\u00e9", "dog"]}
+    return feature_provenance(**(base | changes))
+
+
+def write(path: Path, n: int = 300, dim: int = 2048, batch: int = 64, dtype: str = "float16") -> np.ndarray:
+    rng = np.random.default_rng(0)
+    data = rng.standard_normal((n, dim)).astype(np.float32)
+    labels = np.arange(n) % 2
+    with features.FeatureWriter(
+        path, n=n, dim=dim, dtype=dtype, views=["original", "hflip"], provenance=provenance(storage_dtype=dtype)
+    ) as writer:
+        for start in range(0, n, batch):
+            block = data[start : start + batch]
+            ids = [f"img/{i}" for i in range(start, start + len(block))]
+            writer.write(start, {"original": block, "hflip": -block}, labels[start : start + len(block)], ids)
+    return data
+
+
+def test_layout_chunking_and_provenance(tmp_path: Path):
+    path = tmp_path / "train.h5"
+    data = write(path)
+    with h5py.File(path) as f:
+        assert set(f) == {"features", "features_hflip", "labels", "ids"}
+        assert f["features"].shape == (300, 2048) and f["features"].dtype == np.float16
+        rows, cols = f["features"].chunks
+        assert cols == 2048 and rows * 2048 * 2 <= features.CHUNK_BYTES  # chunked along N, <= 1 MiB
+        assert f["labels"].dtype == np.int64 and f["labels"].chunks is not None
+        assert set(f.attrs) == set(features.PROVENANCE_KEYS)
+    fs = features.read_features(path)
+    np.testing.assert_allclose(fs.features["original"], data, rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(fs.features["hflip"], -data, rtol=1e-3, atol=1e-3)
+    assert fs.features["original"].dtype == np.float32
+    assert fs.ids[:2] == ["img/0", "img/1"] and fs.labels[:4].tolist() == [0, 1, 0, 1]
+    assert fs.provenance == provenance()
+
+
+def test_same_inputs_give_byte_identical_files(tmp_path: Path):
+    write(tmp_path / "a.h5")
+    write(tmp_path / "b.h5")
+    digest = [hashlib.sha256((tmp_path / n).read_bytes()).hexdigest() for n in ("a.h5", "b.h5")]
+    assert digest[0] == digest[1]
+
+
+def test_float32_storage_is_exact(tmp_path: Path):
+    data = write(tmp_path / "f.h5", dtype="float32")
+    np.testing.assert_array_equal(features.read_features(tmp_path / "f.h5").features["original"], data)
+
+
+def test_a_failed_write_leaves_no_file(tmp_path: Path):
+    path = tmp_path / "train.h5"
+    with (
+        pytest.raises(RuntimeError),
+        features.FeatureWriter(path, n=4, dim=2, dtype="float32", views=["original"], provenance=provenance()),
+    ):
+        raise RuntimeError("killed midway")  # fmt: skip
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_provenance_mismatch_names_the_attribute(tmp_path: Path):
+    with pytest.raises(PipelineError, match=r"made with layer = 'pool5', but 'fc6' is asked for"):
+        features.check_provenance(provenance(), {"arch": "vgg11", "layer": "fc6"}, source="train.h5")
+
+
+@pytest.mark.parametrize("content", [b"", b"garbage, not HDF5"])
+def test_unreadable_files_are_clear_errors(tmp_path: Path, content: bytes):
+    path = tmp_path / "train.h5"
+    path.write_bytes(content)
+    with pytest.raises(PipelineError, match="not a readable HDF5 feature file"):
+        features.read_features(path)
+
+
+def test_foreign_hdf5_files_are_refused(tmp_path: Path):
+    with h5py.File(tmp_path / "other.h5", "w") as f:
+        f["features"] = np.zeros((2, 2))
+    with pytest.raises(PipelineError, match="not a feature file of this pipeline"):
+        features.read_provenance(tmp_path / "other.h5")

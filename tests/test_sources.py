@@ -1,0 +1,131 @@
+from __future__ import annotations
+
+import collections
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline import sources
+from pipeline.config import DataConfig
+from pipeline.errors import PipelineError
+from tests.conftest import color_image, make_cifar, make_imagefolder
+
+
+def counts(items: list[sources.Item]) -> collections.Counter:
+    return collections.Counter(it.split for it in items)
+
+
+def test_digits_are_the_bundled_1797_images_split_stratified():
+    items, classes = sources.discover(DataConfig(), seed=0)
+    assert classes == [str(d) for d in range(10)]
+    assert len(items) == 1797 and len({it.id for it in items}) == 1797
+    assert counts(items) == {"train": 1257, "val": 180, "test": 360}
+    test_labels = collections.Counter(it.label for it in items if it.split == "test")
+    assert min(test_labels.values()) >= 35  # every digit is in the test split, about equally
+    image = sources.ImageReader(DataConfig())(items[0].id)
+    assert image.mode == "RGB" and image.size == (8, 8)
+
+
+def test_splits_are_reproducible_from_the_seed():
+    a, _ = sources.discover(DataConfig(), seed=0)
+    b, _ = sources.discover(DataConfig(), seed=0)
+    c, _ = sources.discover(DataConfig(), seed=1)
+    assert a == b and a != c
+
+
+def test_imagefolder_without_split_folders_is_split_by_fraction(imagefolder: Path):
+    cfg = DataConfig(source="imagefolder", root=str(imagefolder), val_fraction=0.2, test_fraction=0.2)
+    items, classes = sources.discover(cfg, seed=0)
+    assert classes == ["cat", "dog"]
+    assert counts(items) == {"train": 12, "val": 4, "test": 4}
+    assert {it.id.split("/")[0] for it in items} == {"cat", "dog"}
+    assert all(it.label == classes.index(it.id.split("/")[0]) for it in items)
+
+
+def test_imagefolder_uses_its_own_split_folders_and_carves_a_missing_one(tmp_path: Path):
+    root = tmp_path / "images"
+    make_imagefolder(root / "train", per_class=10)
+    make_imagefolder(root / "test", per_class=3, seed=1)
+    cfg = DataConfig(source="imagefolder", root=str(root), val_fraction=0.2, test_fraction=0.2)
+    items, classes = sources.discover(cfg, seed=0)
+    assert classes == ["cat", "dog"]
+    assert counts(items) == {"train": 16, "val": 4, "test": 6}
+    assert all(it.id.startswith("test/") for it in items if it.split == "test")
+    assert all(it.id.startswith("train/") for it in items if it.split == "val")
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "1", "I;16", "CMYK"])
+def test_imagefolder_reader_converts_every_mode_to_rgb(tmp_path: Path, mode: str):
+    (tmp_path / "a").mkdir()
+    ext = ".jpg" if mode == "CMYK" else ".png"
+    color_image(np.random.default_rng(0), 1, size=10, mode=mode).save(tmp_path / "a" / f"x{ext}")
+    image = sources.ImageReader(DataConfig(source="imagefolder", root=str(tmp_path)))(f"a/x{ext}")
+    assert image.mode == "RGB" and image.size == (10, 10)
+
+
+def test_imagefolder_reader_applies_exif_orientation(tmp_path: Path):
+    (tmp_path / "a").mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise when shown
+    Image.new("RGB", (20, 10)).save(tmp_path / "a" / "r.jpg", exif=exif)
+    image = sources.ImageReader(DataConfig(source="imagefolder", root=str(tmp_path)))("a/r.jpg")
+    assert image.size == (10, 20)
+
+
+def test_imagefolder_ignores_hidden_and_non_image_files(imagefolder: Path):
+    (imagefolder / "cat" / "notes.txt").write_text("not an image")
+    (imagefolder / ".thumbs").mkdir()
+    (imagefolder / "cat" / ".hidden.png").write_bytes(b"")
+    items, classes = sources.discover(DataConfig(source="imagefolder", root=str(imagefolder)), seed=0)
+    assert classes == ["cat", "dog"] and len(items) == 20
+
+
+def test_imagefolder_missing_root_is_a_clear_error(tmp_path: Path):
+    with pytest.raises(PipelineError, match="is not a directory"):
+        sources.discover(DataConfig(source="imagefolder", root=str(tmp_path / "nowhere")), seed=0)
+
+
+def test_per_class_limit_keeps_n_training_images_per_class_only(imagefolder: Path):
+    cfg = DataConfig(
+        source="imagefolder", root=str(imagefolder), val_fraction=0.2, test_fraction=0.2, per_class_limit=2
+    )
+    items, _ = sources.discover(cfg, seed=0)
+    train = collections.Counter(it.label for it in items if it.split == "train")
+    assert train == {0: 2, 1: 2}
+    assert counts(items)["val"] == 4 and counts(items)["test"] == 4
+
+
+def test_cifar10_reads_the_official_layout(tmp_path: Path):
+    root = make_cifar(tmp_path / "cifar", per_batch=20)
+    cfg = DataConfig(source="cifar10", root=str(root), val_fraction=0.2)
+    items, classes = sources.discover(cfg, seed=0)
+    assert classes[:2] == ["airplane", "automobile"] and len(classes) == 10
+    assert counts(items) == {"train": 80, "val": 20, "test": 20}  # val from train; test is the official batch
+    assert all(it.id.startswith("test/") for it in items if it.split == "test")
+    reader = sources.ImageReader(cfg)
+    image = reader("train/00021")  # second batch, second image
+    with open(root / "cifar-10-batches-py" / "data_batch_2", "rb") as f:
+        raw = pickle.load(f)["data"][1]
+    assert np.array_equal(np.asarray(image), raw.reshape(3, 32, 32).transpose(1, 2, 0))
+
+
+def test_cifar10_without_files_says_how_to_get_them(tmp_path: Path):
+    with pytest.raises(PipelineError, match="data.download: true"):
+        sources.discover(DataConfig(source="cifar10", root=str(tmp_path)), seed=0)
+
+
+def test_cifar10_reader_refuses_arbitrary_pickled_objects(tmp_path: Path):
+    root = make_cifar(tmp_path / "cifar")
+    with open(root / "cifar-10-batches-py" / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": collections.OrderedDict()}, f)
+    with pytest.raises(PipelineError, match="refusing to load collections.OrderedDict"):
+        sources.discover(DataConfig(source="cifar10", root=str(root)), seed=0)
+
+
+def test_manifest_round_trips_ids_with_commas_and_unicode(tmp_path: Path):
+    items = [sources.Item("caf\u00e9/a, b.png", 0, "train"), sources.Item("dog/x.png", 1, "test")]
+    sources.write_manifest(tmp_path, items, ["caf\u00e9", "dog"])
+    assert sources.read_manifest(tmp_path) == (items, ["caf\u00e9", "dog"])
