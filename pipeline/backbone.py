@@ -19,6 +19,7 @@ from torchvision.transforms._presets import ImageClassification
 
 from pipeline.config import ExtractConfig
 from pipeline.errors import PipelineError
+from pipeline.hardware import DTYPES
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +96,15 @@ def load_weights(arch: str, spec: str) -> tuple[dict[str, torch.Tensor] | None, 
 
 
 def _torch_load(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors only (``weights_only``), memory-mapped where the file format allows: layers past the cut are
+    never read from disk."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as err:
+            if "mmap" not in str(err):
+                raise
+            state = torch.load(path, map_location="cpu", weights_only=True)  # legacy (pre-zip) format
     except Exception as err:  # torch raises many types for a damaged or foreign file
         raise PipelineError(f"{path} is not a loadable state dict: {err}") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -133,9 +141,13 @@ def _imagenet_state_dict(enum: Any) -> dict[str, torch.Tensor]:
 
 
 class FeatureExtractor(nn.Module):
-    """Frozen VGG cut at a layer: uint8 images (B, 3, H, W) -> features (B, D), normalised on the device."""
+    """Frozen VGG cut at a layer: uint8 images (B, 3, H, W) -> float32 features (B, D).
 
-    def __init__(self, body: nn.Module, pool: str, prep: Preprocessing) -> None:
+    Normalisation runs in float32 on the device; the network runs in ``precision`` (bf16/fp16 through
+    autocast, fp32 exact), and pooling happens on the device before anything is copied back.
+    """
+
+    def __init__(self, body: nn.Module, pool: str, prep: Preprocessing, precision: str = "fp32") -> None:
         super().__init__()
         self.body = body
         self.pool = {
@@ -143,12 +155,15 @@ class FeatureExtractor(nn.Module):
             "max": nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.Flatten(1)),
             "flatten": nn.Flatten(1),
         }[pool]
+        self.precision = precision
         self.register_buffer("mean", torch.tensor(prep.mean).view(1, 3, 1, 1) * 255)
         self.register_buffer("std", torch.tensor(prep.std).view(1, 3, 1, 1) * 255)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = (images.float() - self.mean) / self.std  # same as (x / 255 - mean) / std
-        return self.pool(self.body(x))
+        dtype = DTYPES[self.precision]
+        with torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32):
+            return self.pool(self.body(x)).float()
 
 
 def cut(model: VGG, layer: str) -> nn.Sequential:
@@ -159,16 +174,41 @@ def cut(model: VGG, layer: str) -> nn.Sequential:
     return model.features[: pools[int(layer.removeprefix("pool")) - 1] + 1]
 
 
-def build_extractor(cfg: ExtractConfig, seed: int) -> tuple[FeatureExtractor, Preprocessing, dict[str, str]]:
-    """The frozen extractor in eval mode with gradients off, its preprocessing, and its weights provenance."""
+def init_random(body: nn.Module) -> None:
+    """Initialise the cut network as torchvision initialises VGG: Kaiming-normal convolutions, N(0, 0.01)
+    linear layers, zero biases, identity batch norm. Draws from torch's global generator, seeded by the caller."""
+    for m in body.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            m.reset_parameters()
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0, 0.01)
+            nn.init.zeros_(m.bias)
+
+
+def build_extractor(
+    cfg: ExtractConfig, seed: int, precision: str = "fp32"
+) -> tuple[FeatureExtractor, Preprocessing, dict[str, str]]:
+    """The frozen extractor in eval mode with gradients off, its preprocessing, and its weights provenance.
+
+    The architecture is built on the meta device and only the layers up to the cut are ever materialised,
+    so a pool5 extractor holds 15M parameters, not VGG16's 138M.
+    """
     state, weights_info = load_weights(cfg.arch, cfg.weights)
-    torch.manual_seed(seed)  # `random` weights are a function of the seed
-    model = torchvision.models.get_model(cfg.arch, weights=None)
-    if state is not None:
+    with torch.device("meta"):
+        model = torchvision.models.get_model(cfg.arch, weights=None)
+    if state is None:
+        body = cut(model, cfg.layer).to_empty(device="cpu")
+        torch.manual_seed(seed)  # `random` weights are a function of the seed
+        init_random(body)
+    else:
         try:
-            model.load_state_dict(state)
+            model.load_state_dict(state, assign=True)  # takes the (memory-mapped) tensors as they are
         except RuntimeError as err:
             raise PipelineError(f"extract.weights = {cfg.weights!r} does not fit {cfg.arch}: {err}") from None
+        body = cut(model, cfg.layer).float()
     prep = preprocessing(cfg.arch, cfg.image_size)
-    extractor = FeatureExtractor(cut(model, cfg.layer), cfg.pool, prep).eval().requires_grad_(False)
+    extractor = FeatureExtractor(body, cfg.pool, prep, precision).eval().requires_grad_(False)
     return extractor, prep, weights_info

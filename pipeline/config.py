@@ -26,6 +26,8 @@ Layer = Literal["pool1", "pool2", "pool3", "pool4", "pool5", "fc6", "fc7"]
 Pool = Literal["avg", "max", "flatten"]
 View = Literal["original", "hflip"]
 StorageDtype = Literal["float16", "float32"]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+Compression = Literal["none", "lzf"]
 HeadKind = Literal["linear", "mlp", "logreg"]
 Optimizer = Literal["sgd", "adamw"]
 
@@ -63,6 +65,9 @@ class ExtractConfig:
     storage_dtype: StorageDtype = "float16"
     device: str = "auto"
     num_workers: int = _range(2, 0, 64)
+    precision: Precision = "auto"  # auto: bf16 on CPUs with native bf16 and on CUDA (fp16 where bf16 is missing)
+    compile: bool = False  # torch.compile the network for a fixed batch shape
+    compression: Compression = "none"  # HDF5 filter of the feature datasets
 
 
 @dataclass(frozen=True)
@@ -81,6 +86,7 @@ class TrainConfig:
     lr_gamma: float = _range(0.5, 0.0, 1.0, lo_open=True)
     logreg_C: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0)
     device: str = "auto"
+    in_memory_mb: int = _range(4096, 0)  # larger training splits (float32, all views) are streamed in blocks
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import logging
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,8 +19,8 @@ from tqdm import tqdm
 
 from pipeline import backbone, features, sources
 from pipeline.config import ExtractConfig, Params, load_params, to_dict
-from pipeline.errors import run_stage
-from pipeline.hardware import resolve_device
+from pipeline.errors import PipelineError, run_stage
+from pipeline.hardware import resolve_device, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -35,38 +38,24 @@ class _Images(Dataset):
         return self.prep.to_uint8(self.reader(self.ids[index])), index
 
 
-def extract_split(
-    model: backbone.FeatureExtractor,
-    loader: DataLoader,
-    writer: features.FeatureWriter,
-    *,
-    labels: np.ndarray,
-    ids: Sequence[str],
-    views: Sequence[str],
-    device: torch.device,
-    desc: str,
-) -> None:
-    """Stream one split through ``model`` into ``writer``, batch by batch; memory does not grow with N."""
-    with torch.inference_mode(), tqdm(total=len(ids), desc=desc, unit="img", dynamic_ncols=True) as bar:
-        for images, index in loader:
-            images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-            start, stop = int(index[0]), int(index[-1]) + 1  # batches arrive in order: no shuffle
-            out = {"original": model(images)}
-            if "hflip" in views:
-                out["hflip"] = model(images.flip(-1))
-            writer.write(start, {v: t.cpu().numpy() for v, t in out.items()}, labels[start:stop], ids[start:stop])
-            bar.update(stop - start)
+def split_batches(sizes: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Batches of consecutive row indices that never straddle two splits laid end to end."""
+    batches, offset = [], 0
+    for size in sizes:
+        batches += [
+            list(range(a, min(a + batch_size, offset + size))) for a in range(offset, offset + size, batch_size)
+        ]
+        offset += size
+    return batches
 
 
-def provenance(
-    cfg: ExtractConfig, seed: int, prep: backbone.Preprocessing, weights_info: dict[str, str]
-) -> dict[str, Any]:
-    """The provenance attributes shared by every split file (split, class names and D are added per file)."""
+def provenance(cfg: ExtractConfig, seed: int, precision: str, prep: backbone.Preprocessing) -> dict[str, Any]:
+    """The provenance attributes shared by every split file (weights, split and class names are added)."""
     return {
         "schema": features.SCHEMA,
         "arch": cfg.arch,
-        **weights_info,
         "seed": seed,
+        "precision": precision,
         "layer": cfg.layer,
         "pool": cfg.pool,
         "image_size": cfg.image_size,
@@ -82,53 +71,96 @@ def provenance(
     }
 
 
-def extract(params: Params, prepared: Path, out_dir: Path) -> None:
+def extract(params: Params, prepared: Path, out_dir: Path) -> dict[str, float]:
+    """Write ``{split}.h5`` for every split; returns the images and seconds of the extraction loop."""
     cfg = params.extract
     items, classes = sources.read_manifest(prepared)
     device = resolve_device(cfg.device)
-    model, prep, weights_info = backbone.build_extractor(cfg, params.seed)
+    precision = resolve_precision(cfg.precision, device)
+    model, prep, weights_info = backbone.build_extractor(cfg, params.seed, precision)
     model = model.to(device, memory_format=torch.channels_last)
-    reader = sources.ImageReader(params.data)
-    base = provenance(cfg, params.seed, prep, weights_info) | {"class_names": list(classes)}
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # one input shape throughout: let cuDNN pick its fastest kernels
+    forward = torch.compile(model, dynamic=False) if cfg.compile else model
+    base = provenance(cfg, params.seed, precision, prep) | weights_info | {"class_names": list(classes)}
     log.info(
-        "extracting %s %s (%s weights) on %s, %d-d features",
-        cfg.arch,
-        cfg.layer,
-        cfg.weights,
-        device,
-        base["feature_dim"],
+        "extracting %s %s (%s weights, %s) on %s, %d-d features",
+        cfg.arch, cfg.layer, cfg.weights, precision, device, base["feature_dim"],
+    )  # fmt: skip
+
+    rows = {split: [it for it in items if it.split == split] for split in sources.SPLITS}
+    ordered = [it for split in sources.SPLITS for it in rows[split]]  # splits end to end, manifest order within
+    starts = np.cumsum([0] + [len(rows[s]) for s in sources.SPLITS])
+    labels = np.array([it.label for it in ordered], dtype=np.int64)
+    ids = [it.id for it in ordered]
+    loader = DataLoader(
+        _Images(ids, sources.ImageReader(params.data), prep),
+        batch_sampler=split_batches([len(rows[s]) for s in sources.SPLITS], cfg.batch_size),
+        num_workers=cfg.num_workers,
+        pin_memory=device.type == "cuda",
     )
     out_dir.mkdir(parents=True, exist_ok=True)
-    for split in sources.SPLITS:
-        rows = [it for it in items if it.split == split]
-        ids = [it.id for it in rows]
-        labels = np.array([it.label for it in rows], dtype=np.int64)
-        views = cfg.views if split == "train" else ("original",)
-        loader = DataLoader(
-            _Images(ids, reader, prep),
-            batch_size=cfg.batch_size,
-            num_workers=cfg.num_workers,
-            pin_memory=device.type == "cuda",
-        )
-        with features.FeatureWriter(
-            out_dir / f"{split}.h5",
-            n=len(rows),
-            dim=base["feature_dim"],
-            dtype=cfg.storage_dtype,
-            views=views,
-            provenance=base | {"split": split},
-        ) as writer:
-            extract_split(model, loader, writer, labels=labels, ids=ids, views=views, device=device, desc=split)
+    with contextlib.ExitStack() as stack:
+        writers = [
+            stack.enter_context(
+                features.FeatureWriter(
+                    out_dir / f"{split}.h5",
+                    n=len(rows[split]),
+                    dim=base["feature_dim"],
+                    dtype=cfg.storage_dtype,
+                    views=cfg.views if split == "train" else ("original",),
+                    provenance=base | {"split": split},
+                    compression=cfg.compression,
+                )
+            )
+            for split in sources.SPLITS
+        ]
+        start_time, warm = time.perf_counter(), None  # warm: time and rows when the first batch is done
+        with torch.inference_mode(), tqdm(total=len(ids), desc="extract", unit="img", dynamic_ncols=True) as bar:
+            for images, index in loader:
+                first = int(index[0])
+                k = int(np.searchsorted(starts, first, side="right")) - 1  # the split this batch belongs to
+                views = cfg.views if sources.SPLITS[k] == "train" else ("original",)
+                out = _forward(forward, images, views, device=device, pad_to=cfg.batch_size if cfg.compile else 0)
+                block = slice(first, first + len(index))
+                writers[k].write(first - int(starts[k]), out, labels[block], ids[block])
+                bar.update(len(index))
+                warm = warm or (time.perf_counter(), len(index))
+        end = time.perf_counter()
+    stats = {"images": len(ids), "seconds": end - start_time}
+    if warm and len(ids) > warm[1]:  # after start-up: worker launch, first decode, kernel selection
+        stats |= {"warm_images": len(ids) - warm[1], "warm_seconds": end - warm[0]}
+    log.info("extracted %d images in %.1f s (%.1f img/s)", len(ids), stats["seconds"], len(ids) / stats["seconds"])
+    return stats
+
+
+def _forward(
+    model: torch.nn.Module, images: torch.Tensor, views: Sequence[str], *, device: torch.device, pad_to: int
+) -> dict[str, np.ndarray]:
+    """Features of one uint8 batch for each view, as float32 numpy; zero-pads to ``pad_to`` rows for a fixed shape."""
+    n = len(images)
+    images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+    if n < pad_to:
+        images = torch.cat([images, images.new_zeros(pad_to - n, *images.shape[1:])])
+    out = {"original": model(images)[:n]}
+    if "hflip" in views:
+        out["hflip"] = model(images.flip(-1))[:n]
+    if not all(bool(torch.isfinite(t).all()) for t in out.values()):
+        raise PipelineError("the network produced non-finite features (inf or NaN): check extract.weights")
+    return {view: t.cpu().numpy() for view, t in out.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--prepared", type=Path, required=True, help="directory with manifest.csv and classes.json")
     parser.add_argument("--out", type=Path, required=True, help="directory for train.h5, val.h5, test.h5")
+    parser.add_argument("--stats", type=Path, help="also write the loop's images and seconds here, as JSON")
     args = parser.parse_args()
     params = load_params()
     log.info("extract params: %s", to_dict(params.extract))
-    extract(params, args.prepared, args.out)
+    stats = extract(params, args.prepared, args.out)
+    if args.stats:
+        args.stats.write_text(json.dumps(stats) + "\n")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ Every dataset is chunked along N with chunks of at most about 1 MiB, and created
 from __future__ import annotations
 
 import os
+import queue
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +38,7 @@ PROVENANCE_KEYS = IDENTITY_KEYS + (
     "feature_dim",
     "weights_source",
     "seed",
+    "precision",
     "resize_size",
     "interpolation",
     "mean",
@@ -55,54 +58,99 @@ def chunk_rows(dim: int, itemsize: int, n: int) -> int:
 
 
 class FeatureWriter:
-    """Streams (rows, D) blocks into a new split file; it appears under its name only once complete."""
+    """Streams (rows, D) blocks into a new split file; it appears under its name only once complete.
+
+    Writes run on a background thread, overlapping HDF5 I/O with the next batch's compute; at most
+    ``queue_size`` blocks wait in memory. An error in the thread surfaces at the next ``write`` or at ``close``.
+    """
 
     def __init__(
-        self, path: Path, *, n: int, dim: int, dtype: str, views: Sequence[str], provenance: Mapping[str, Any]
+        self,
+        path: Path,
+        *,
+        n: int,
+        dim: int,
+        dtype: str,
+        views: Sequence[str],
+        provenance: Mapping[str, Any],
+        compression: str = "none",
+        queue_size: int = 4,
     ) -> None:
         missing = set(PROVENANCE_KEYS) - set(provenance)
         assert not missing, f"provenance lacks {sorted(missing)}"
         self.path = Path(path)
         self._tmp = self.path.with_name(self.path.name + ".partial")
         self._file = h5py.File(self._tmp, "w")
-        self._n = n
-        chunks = n > 0  # HDF5 cannot chunk an empty dataset
+        self._float16 = np.dtype(dtype) == np.float16
+        chunked = n > 0  # HDF5 cannot chunk an empty dataset
         for view in views:
             self._file.create_dataset(
                 dataset_name(view),
                 shape=(n, dim),
                 dtype=dtype,
-                chunks=(chunk_rows(dim, np.dtype(dtype).itemsize, n), dim) if chunks else None,
+                chunks=(chunk_rows(dim, np.dtype(dtype).itemsize, n), dim) if chunked else None,
+                compression=None if compression == "none" or not chunked else compression,
                 track_times=False,
             )
         self._file.create_dataset(
-            "labels", shape=(n,), dtype="int64", chunks=(chunk_rows(1, 8, n),) if chunks else None, track_times=False
+            "labels", shape=(n,), dtype="int64", chunks=(chunk_rows(1, 8, n),) if chunked else None, track_times=False
         )
         self._file.create_dataset(
             "ids",
             shape=(n,),
             dtype=h5py.string_dtype("utf-8"),
-            chunks=(chunk_rows(1, 64, n),) if chunks else None,
+            chunks=(chunk_rows(1, 64, n),) if chunked else None,
             track_times=False,
         )
         for key in PROVENANCE_KEYS:
             self._file.attrs[key] = _to_attr(provenance[key])
+        self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._drain, name=f"write {self.path.name}", daemon=True)
+        self._thread.start()
 
     def write(self, start: int, features: Mapping[str, np.ndarray], labels: np.ndarray, ids: Sequence[str]) -> None:
-        """Write rows [start, start + len(labels)); ``features`` maps each view to its (rows, D) block."""
+        """Queue rows [start, start + len(labels)); ``features`` maps each view to its (rows, D) block."""
+        if self._error is not None:
+            raise self._error
+        for block in features.values():
+            if self._float16 and len(block) and np.abs(block).max() > np.finfo(np.float16).max:
+                raise PipelineError(
+                    f"features reach {np.abs(block).max():.3g}, beyond float16's range: "
+                    "set extract.storage_dtype: float32"
+                )
+        self._queue.put((start, features, labels, ids))
+
+    def _drain(self) -> None:
+        while (job := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    self._write(*job)
+                except BaseException as err:  # handed to the caller's thread
+                    self._error = err
+
+    def _write(self, start: int, features: Mapping[str, np.ndarray], labels: np.ndarray, ids: Sequence[str]) -> None:
         stop = start + len(labels)
         for view, block in features.items():
             self._file[dataset_name(view)][start:stop] = block
         self._file["labels"][start:stop] = labels
         self._file["ids"][start:stop] = list(ids)
 
-    def close(self) -> None:
-        """Finish the file and move it into place."""
+    def _finish(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
         self._file.close()
+
+    def close(self) -> None:
+        """Wait for queued writes, finish the file and move it into place."""
+        self._finish()
+        if self._error is not None:
+            self._tmp.unlink(missing_ok=True)
+            raise self._error
         os.replace(self._tmp, self.path)
 
     def abort(self) -> None:
-        self._file.close()
+        self._finish()
         self._tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> FeatureWriter:

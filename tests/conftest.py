@@ -133,6 +133,7 @@ def feature_provenance(**changes: object) -> dict:
         "weights": "random",
         "weights_source": "random init seeded by params seed",
         "seed": 0,
+        "precision": "fp32",
         "layer": "pool5",
         "pool": "avg",
         "image_size": 32,

@@ -13,7 +13,7 @@ from pipeline.config import parse_params
 from pipeline.extract import extract
 from tests.conftest import make_cifar
 
-FAST = {"arch": "vgg11", "weights": "random", "image_size": 32, "batch_size": 8, "num_workers": 0}
+FAST = {"arch": "vgg11", "weights": "random", "image_size": 32, "batch_size": 8, "num_workers": 0, "precision": "fp32"}
 
 
 def prepare(tmp_path: Path, data: dict, extract_overrides: dict | None = None):
