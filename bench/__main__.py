@@ -1,0 +1,350 @@
+"""Benchmark the pipeline against the classic precompute loop, on the same machine and the same JPEG files.
+
+    python -m bench                 # the full run (about 10 minutes on 2 CPU cores), report in bench/results/
+    python -m bench --quick         # a smoke run with tiny sizes, report in a temporary directory
+
+Measures (1) extraction images/s of the pipeline, the classic loop and the bare network on random
+tensors, at two image sizes; (2) peak resident memory of both at N and 10·N images; (3) one head
+epoch on cached features against one epoch that recomputes the frozen backbone; (4) `dvc repro`
+after a `train.lr` edit against a full `dvc repro`. Each extraction runs in its own process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bench.images import make_jpegs
+
+REPO = Path(__file__).resolve().parents[1]
+PROJECT_FILES = ("dvc.yaml", "params.yaml", "pipeline", ".dvc/config", ".dvc/.gitignore", ".dvcignore")
+
+
+@dataclass(frozen=True)
+class Sizes:
+    throughput: dict[int, int]  # image size -> number of images
+    memory_n: int  # N for the memory test (10·N is the large run)
+    dvc_images: int
+    epochs: int  # cached head epochs to time (median)
+
+
+FULL = Sizes(throughput={64: 1000, 224: 240}, memory_n=200, dvc_images=3000, epochs=5)
+QUICK = Sizes(throughput={64: 48, 224: 16}, memory_n=8, dvc_images=24, epochs=2)
+
+
+def measured(cmd: list[str], cwd: Path) -> tuple[float, float]:
+    """Run ``cmd``; return its wall seconds and peak resident memory in MiB (of that process alone)."""
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"  # `python` in dvc.yaml is this one
+    env = os.environ | {"PYTHONPATH": str(REPO), "DVC_NO_ANALYTICS": "1", "PATH": path}
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    output = proc.stdout.read() if proc.stdout else b""
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{output.decode(errors='replace')[-3000:]}")
+    return wall, usage.ru_maxrss / 1024
+
+
+def subset(images: Path, n: int, work: Path) -> Path:
+    """A folder with the first ``n`` generated images (hard links, same files)."""
+    root = work / f"images-{n}"
+    if not root.exists():
+        files = sorted(images.rglob("*.jpg"))[:n]
+        for f in files:
+            (root / f.parent.name).mkdir(parents=True, exist_ok=True)
+            os.link(f, root / f.parent.name / f.name)
+    return root
+
+
+def params_for(root: Path, extract: dict[str, Any], train: dict[str, Any] | None = None) -> dict[str, Any]:
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["data"].update(source="imagefolder", root=str(root))
+    params["extract"].update({"weights": "random"} | extract)
+    params["train"].update(train or {})
+    return params
+
+
+def with_rate(stats: dict[str, float]) -> dict[str, float]:
+    """images/s after the first batch (start-up excluded, as for the bare network), when there was more than one."""
+    images, seconds = stats.get("warm_images", stats["images"]), stats.get("warm_seconds", stats["seconds"])
+    return stats | {"images_per_s": images / seconds}
+
+
+def pipeline_extract(root: Path, work: Path, tag: str, extract: dict[str, Any]) -> dict[str, float]:
+    """prepare + extract as the stages run them; throughput from the extraction loop, memory of that process."""
+    run_dir = work / f"pipeline-{tag}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "params.yaml").write_text(yaml.safe_dump(params_for(root, extract)))
+    measured([sys.executable, "-m", "pipeline.prepare", "--out", "prepared"], run_dir)
+    cmd = [sys.executable, "-m", "pipeline.extract", "--prepared", "prepared", "--out", "features", "--stats", "s.json"]
+    wall, peak = measured(cmd, run_dir)
+    return with_rate(json.loads((run_dir / "s.json").read_text())) | {"wall_s": wall, "peak_rss_mib": peak}
+
+
+def classic_extract(root: Path, work: Path, tag: str, **options: Any) -> dict[str, float]:
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in options.items()]
+    stats_file = work / f"classic-{tag}.json"
+    cmd = [sys.executable, "-m", "bench.classic", f"--root={root}", f"--out={work / f'classic-{tag}.npy'}"]
+    wall, peak = measured([*cmd, f"--stats={stats_file}", *args], work)
+    return with_rate(json.loads(stats_file.read_text())) | {"wall_s": wall, "peak_rss_mib": peak}
+
+
+def ceiling(work: Path, image_size: int, precision: str, batch_size: int) -> dict[str, float]:
+    stats_file = work / f"ceiling-{image_size}-{precision}.json"
+    cmd = [sys.executable, "-m", "bench.ceiling", f"--image-size={image_size}", f"--precision={precision}"]
+    measured([*cmd, f"--batch-size={batch_size}", f"--stats={stats_file}"], work)
+    return json.loads(stats_file.read_text())
+
+
+def head_epochs(root: Path, features_dir: Path, epochs: int) -> dict[str, float]:
+    """One MLP-head epoch on the cached train features vs one that recomputes the frozen backbone (fp32)."""
+    import torch
+    import torchvision
+    from torch import nn
+    from torch.utils.data import DataLoader, Subset
+    from torchvision import datasets, transforms
+
+    from pipeline import features, heads
+    from pipeline.backbone import cut, preprocessing
+
+    train_set = features.read_features(features_dir / "train.h5")
+    x, y = torch.from_numpy(train_set.features["original"]), torch.from_numpy(train_set.labels)
+    n, classes = len(x), len(train_set.provenance["class_names"])
+    image_size = int(train_set.provenance["image_size"])
+
+    def fresh_head() -> tuple[nn.Module, torch.optim.Optimizer]:
+        torch.manual_seed(0)
+        head = heads.Classifier(heads.build_net("mlp", x.shape[1], classes, hidden=[512, 256], dropout=0.5),
+                                *heads.standardization(x, True))  # fmt: skip
+        return head, torch.optim.SGD(head.parameters(), lr=0.01, momentum=0.8, weight_decay=1e-3)
+
+    head, optimizer = fresh_head()
+    criterion, g = nn.CrossEntropyLoss(), torch.Generator().manual_seed(0)
+    cached = []
+    for _ in range(epochs):
+        start = time.perf_counter()
+        heads.train_one_epoch(head, criterion, optimizer, x, y, batch_size=64, generator=g)
+        cached.append(time.perf_counter() - start)
+
+    prep = preprocessing("vgg16", image_size)
+    transform = transforms.Compose(
+        [transforms.Resize(prep.resize_size), transforms.CenterCrop(prep.crop_size), transforms.ToTensor(),
+         transforms.Normalize(prep.mean, prep.std)]
+    )  # fmt: skip
+    images = Subset(datasets.ImageFolder(str(root), transform), range(n))  # as many images as cached rows
+    loader = DataLoader(images, batch_size=64, shuffle=True, num_workers=2)
+    torch.manual_seed(0)
+    body = cut(torchvision.models.vgg16().eval(), "pool5").requires_grad_(False)
+    head, optimizer = fresh_head()
+    head.train()
+    start = time.perf_counter()
+    for batch, target in loader:
+        with torch.no_grad():
+            feats = body(batch).mean((2, 3))
+        loss = criterion(head(feats), target)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    recompute = time.perf_counter() - start
+    return {"rows": n, "cached_epoch_s": statistics.median(cached), "recompute_epoch_s": recompute}
+
+
+def dvc_repro(root: Path, work: Path, image_size: int) -> dict[str, float]:
+    """A full `dvc repro` in a fresh project copy, then `dvc repro` after editing train.lr."""
+    project = work / "dvc-project"
+    shutil.rmtree(project, ignore_errors=True)
+    for name in PROJECT_FILES:
+        src, dest = REPO / name, project / name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if src.is_dir() else shutil.copy2)(src, dest)
+    params = params_for(root, {"image_size": image_size})
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    ident = ["-c", "user.email=bench@example.com", "-c", "user.name=bench"]
+    for args in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "bench"]):
+        subprocess.run(["git", *ident, *args], cwd=project, check=True, capture_output=True)
+    dvc = [sys.executable, "-m", "dvc", "repro"]
+    full, _ = measured(dvc, project)
+    params["train"]["lr"] = params["train"]["lr"] * 2
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    selective, _ = measured(dvc, project)
+    return {"images": sum(1 for _ in root.rglob("*.jpg")), "full_s": full, "after_lr_edit_s": selective}
+
+
+def run(sizes: Sizes, work: Path) -> dict[str, Any]:
+    import torch
+
+    from pipeline.hardware import resolve_device, resolve_precision
+
+    device = resolve_device("auto")
+    precision = resolve_precision("auto", device)
+    largest = max(max(sizes.throughput.values()), 10 * sizes.memory_n, sizes.dvc_images)
+    print(f"generating {largest} JPEG files ...", flush=True)
+    images = make_jpegs(work / "jpegs", largest)
+    report: dict[str, Any] = {
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+            "torch": str(torch.__version__),
+            "precision": precision,
+        },
+        "throughput": {},
+    }
+    batch = 32
+    for size, n in sizes.throughput.items():
+        print(f"throughput at {size}px on {n} images ...", flush=True)
+        root = subset(images, n, work)
+        opts = {"image_size": size, "batch_size": batch}
+        report["throughput"][size] = {
+            "pipeline": pipeline_extract(root, work, f"{size}", opts),
+            "pipeline_fp32": pipeline_extract(root, work, f"{size}-fp32", opts | {"precision": "fp32"}),
+            "classic": classic_extract(root, work, f"{size}", image_size=size, batch_size=batch),
+            "ceiling": ceiling(work, size, precision, batch),
+            "ceiling_fp32": ceiling(work, size, "fp32", batch),
+        }
+    print("peak memory at N and 10N ...", flush=True)
+    memory: dict[str, Any] = {"layer": "pool4", "pool": "flatten", "image_size": 64}
+    for n in (sizes.memory_n, 10 * sizes.memory_n):
+        root = subset(images, n, work)
+        opts = {"image_size": 64, "layer": "pool4", "pool": "flatten", "batch_size": batch}
+        memory[n] = {
+            "pipeline": pipeline_extract(root, work, f"mem-{n}", opts),
+            "classic": classic_extract(root, work, f"mem-{n}", image_size=64, layer="pool4", pool="flatten"),
+        }
+    report["memory"] = memory
+    print("head epochs ...", flush=True)
+    size64 = min(sizes.throughput)
+    report["head_epoch"] = head_epochs(
+        subset(images, sizes.throughput[size64], work), work / f"pipeline-{size64}" / "features", sizes.epochs
+    )
+    print("dvc repro ...", flush=True)
+    report["dvc"] = dvc_repro(subset(images, sizes.dvc_images, work), work, 224)
+    report["checks"] = checks(report, sizes)
+    return report
+
+
+def checks(report: dict[str, Any], sizes: Sizes) -> dict[str, dict[str, Any]]:
+    """The targets, as measured: ratio, target and whether it is met."""
+    at224 = report["throughput"][224]
+    n, n10 = sizes.memory_n, 10 * sizes.memory_n
+    mem = report["memory"]
+
+    def check(value: float, target: float, higher_is_better: bool = True) -> dict[str, Any]:
+        ok = value >= target if higher_is_better else value <= target
+        return {"value": round(value, 3), "target": target, "met": ok}
+
+    return {
+        "extract_vs_classic_224": check(at224["pipeline"]["images_per_s"] / at224["classic"]["images_per_s"], 3.0),
+        "extract_vs_ceiling_224": check(at224["pipeline"]["images_per_s"] / at224["ceiling"]["images_per_s"], 0.85),
+        "pipeline_peak_10N_over_N": check(
+            mem[n10]["pipeline"]["peak_rss_mib"] / mem[n]["pipeline"]["peak_rss_mib"], 1.15, False
+        ),
+        "classic_peak_10N_over_N": {
+            "value": round(mem[n10]["classic"]["peak_rss_mib"] / mem[n]["classic"]["peak_rss_mib"], 3),
+        },
+        "recompute_over_cached_epoch": check(
+            report["head_epoch"]["recompute_epoch_s"] / report["head_epoch"]["cached_epoch_s"], 200.0
+        ),
+        "lr_edit_over_full_repro": check(report["dvc"]["after_lr_edit_s"] / report["dvc"]["full_s"], 0.05, False),
+    }
+
+
+def markdown(report: dict[str, Any], sizes: Sizes) -> str:
+    m = report["machine"]
+    lines = [
+        "# Benchmark report",
+        "",
+        f"Machine: {m['processor']}, {m['cpus']} CPUs ({m['torch_threads']} torch threads), {m['device']}, "
+        f"torch {m['torch']}, {m['platform']}. Pipeline precision (auto): **{m['precision']}**.",
+        "",
+        "## Extraction throughput (images/s; JPEG files 500x375, VGG16 pool5 + avg, batch 32)",
+        "",
+        "| size | images | pipeline | pipeline fp32 | classic | bare network | bare fp32 | vs classic | of ceiling |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for size, t in report["throughput"].items():
+        p, c, ceil = t["pipeline"]["images_per_s"], t["classic"]["images_per_s"], t["ceiling"]["images_per_s"]
+        lines.append(
+            f"| {size} | {sizes.throughput[int(size)]} | {p:.1f} | {t['pipeline_fp32']['images_per_s']:.1f} | {c:.1f} "
+            f"| {ceil:.1f} | {t['ceiling_fp32']['images_per_s']:.1f} | {p / c:.2f}x | {p / ceil:.0%} |"
+        )
+    mem = report["memory"]
+    n, n10 = sizes.memory_n, 10 * sizes.memory_n
+    lines += [
+        "",
+        f"## Peak resident memory (MiB; {mem['layer']} + {mem['pool']} at {mem['image_size']}px, 8,192 values/image)",
+        "",
+        f"| implementation | N = {n} | 10N = {n10} | ratio |",
+        "| --- | --- | --- | --- |",
+    ]
+    for impl in ("pipeline", "classic"):
+        a, b = mem[n][impl]["peak_rss_mib"], mem[n10][impl]["peak_rss_mib"]
+        lines.append(f"| {impl} | {a:.0f} | {b:.0f} | {b / a:.2f}x |")
+    h, d = report["head_epoch"], report["dvc"]
+    lines += [
+        "",
+        f"## Head training: one epoch over {h['rows']} training rows (MLP head, 64px features)",
+        "",
+        f"- cached features: {h['cached_epoch_s'] * 1000:.1f} ms (median of {sizes.epochs})",
+        f"- recomputing the frozen VGG16 (fp32) every epoch: {h['recompute_epoch_s']:.2f} s",
+        f"- ratio: {h['recompute_epoch_s'] / h['cached_epoch_s']:.0f}x",
+        "",
+        f"## dvc repro ({d['images']} JPEGs at 224px, random weights)",
+        "",
+        f"- full run: {d['full_s']:.1f} s; after editing train.lr: {d['after_lr_edit_s']:.1f} s "
+        f"({d['after_lr_edit_s'] / d['full_s']:.1%})",
+        "",
+        "## Targets",
+        "",
+        "| check | measured | target | met |",
+        "| --- | --- | --- | --- |",
+    ]
+    for name, c in report["checks"].items():
+        if "target" in c:
+            lines.append(f"| {name} | {c['value']} | {c['target']} | {'yes' if c['met'] else '**no**'} |")
+        else:
+            lines.append(f"| {name} | {c['value']} | (grows) | |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test of the benchmark itself")
+    parser.add_argument(
+        "--out", type=Path, help="report directory (default: bench/results, or a temp dir with --quick)"
+    )
+    parser.add_argument("--name", default="cpu", help="report file name stem, e.g. cpu or h100")
+    parser.add_argument("--workdir", type=Path, help="keep generated images and runs here")
+    args = parser.parse_args()
+    sizes = QUICK if args.quick else FULL
+    out = args.out or (Path(tempfile.mkdtemp(prefix="bench-")) if args.quick else REPO / "bench" / "results")
+    with tempfile.TemporaryDirectory(prefix="bench-work-") as tmp:
+        work = args.workdir or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        report = run(sizes, work)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{args.name}.json").write_text(json.dumps(report, indent=1) + "\n")
+    text = markdown(report, sizes)
+    (out / f"{args.name}.md").write_text(text)
+    print(text)
+    print(f"report written to {out / args.name}.md and .json")
+
+
+if __name__ == "__main__":
+    main()
