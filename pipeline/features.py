@@ -186,6 +186,41 @@ def read_features(path: Path) -> FeatureSet:
     return FeatureSet(features, labels, ids, provenance)
 
 
+class BlockReader:
+    """Reads one split in chunk-aligned blocks of rows, every cached view stacked, for splits larger than memory.
+
+    A block is a whole number of HDF5 chunks (about ``block_mb`` of float32), so reading one is a run of
+    contiguous chunk reads, never a per-row gather.
+    """
+
+    def __init__(self, path: Path, *, block_mb: int = 64) -> None:
+        self.path = Path(path)
+        self.provenance = read_provenance(path)
+        self.views = self.provenance["views"] if self.provenance["split"] == "train" else ["original"]
+        with _open(path) as f:
+            self.n, self.dim = f["features"].shape
+            chunk = f["features"].chunks[0] if f["features"].chunks else max(self.n, 1)
+        rows = block_mb * 2**20 // (self.dim * 4 * len(self.views))
+        self.block_rows = max(1, rows // chunk) * chunk
+        self.num_blocks = -(-self.n // self.block_rows)
+
+    @property
+    def nbytes(self) -> int:
+        """Size of the whole split as float32, all views."""
+        return self.n * self.dim * 4 * len(self.views)
+
+    def read(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Block ``k``: (views x rows, D) float32 features and their labels."""
+        return self.read_rows(k * self.block_rows, min(self.n, (k + 1) * self.block_rows))
+
+    def read_rows(self, a: int, b: int) -> tuple[np.ndarray, np.ndarray]:
+        """Rows [a, b) of every view, stacked view after view, and their labels."""
+        with _open(self.path) as f:
+            x = np.concatenate([f[dataset_name(v)][a:b] for v in self.views]).astype(np.float32)
+            y = np.tile(f["labels"][a:b], len(self.views))
+        return x, y
+
+
 def check_provenance(provenance: Mapping[str, Any], expected: Mapping[str, Any], *, source: str) -> None:
     """Refuse features (or a head) made with other settings than the ones asked for, naming what differs."""
     for key, want in expected.items():

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,12 +41,26 @@ def build_net(kind: str, in_dim: int, num_classes: int, *, hidden: Sequence[int]
     return nn.Sequential(*layers, nn.Linear(width, num_classes))
 
 
-def standardization(x: torch.Tensor, enabled: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-feature mean and std of the training features (identity when disabled; constant features keep std 1)."""
+def standardization(
+    blocks: Iterable[tuple[torch.Tensor, torch.Tensor]], dim: int, enabled: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-feature mean and std over (x, y) blocks of training rows, in one pass (float64 sums).
+
+    Identity when disabled; constant features keep std 1.
+    """
     if not enabled:
-        return torch.zeros(x.shape[1]), torch.ones(x.shape[1])
-    mean, std = x.mean(0), x.std(0)
-    return mean, torch.where(std > 1e-6, std, torch.ones_like(std))
+        return torch.zeros(dim), torch.ones(dim)
+    total = squares = None
+    n = 0
+    for x, _ in blocks:
+        x = x.double()
+        total = x.sum(0) if total is None else total + x.sum(0)
+        squares = (x * x).sum(0) if squares is None else squares + (x * x).sum(0)
+        n += len(x)
+    assert total is not None and squares is not None and n > 1, "standardisation needs at least two rows"
+    mean = total / n
+    std = ((squares - n * mean * mean) / (n - 1)).clamp_min(0).sqrt()
+    return mean.float(), torch.where(std > 1e-6, std, torch.ones_like(std)).float()
 
 
 def train_one_epoch(

@@ -31,7 +31,7 @@ def test_mlp_follows_the_vgg_recipe_shape():
 def test_torch_heads_learn_separable_features(kind: str):
     torch.manual_seed(0)
     x, y = blobs()
-    mean, std = heads.standardization(x, True)
+    mean, std = heads.standardization([(x, y)], 16, True)
     model = heads.Classifier(heads.build_net(kind, 16, 3, hidden=[32], dropout=0.1), mean, std)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.8)
     criterion = nn.CrossEntropyLoss()
@@ -44,11 +44,12 @@ def test_torch_heads_learn_separable_features(kind: str):
     assert acc > 0.95 and loss == pytest.approx(criterion(heads.predict_logits(model, x), y).item())
 
 
-def test_standardization_keeps_constant_features_finite():
-    x = torch.tensor([[1.0, 5.0], [3.0, 5.0]])
-    mean, std = heads.standardization(x, True)
-    assert torch.equal(std, torch.tensor([np.sqrt(2.0), 1.0], dtype=torch.float32))
-    assert torch.equal(heads.standardization(x, False)[1], torch.ones(2))
+def test_standardization_over_blocks_matches_the_whole_and_keeps_constant_features_finite():
+    x = torch.tensor([[1.0, 5.0], [3.0, 5.0], [8.0, 5.0]])
+    mean, std = heads.standardization([(x[:1], None), (x[1:], None)], 2, True)
+    torch.testing.assert_close(mean, x.mean(0))
+    torch.testing.assert_close(std, torch.tensor([x[:, 0].std().item(), 1.0]))
+    assert torch.equal(heads.standardization([(x, None)], 2, False)[1], torch.ones(2))
 
 
 @pytest.mark.parametrize("classes", [2, 3])
@@ -66,8 +67,8 @@ def test_logreg_is_scikit_learn_stored_as_a_linear_layer(classes: int):
 
 
 def test_head_file_round_trips_with_weights_only(tmp_path: Path):
-    x, _ = blobs()
-    mean, std = heads.standardization(x, True)
+    x, y = blobs()
+    mean, std = heads.standardization([(x, y)], 16, True)
     model = heads.Classifier(heads.build_net("mlp", 16, 3, hidden=[8], dropout=0.5), mean, std).eval()
     spec = {
         "head": "mlp",

@@ -5,31 +5,35 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import features
+from pipeline import features, heads
 from pipeline.config import TrainConfig, parse_params
-from pipeline.train import expected_provenance, train
+from pipeline.errors import PipelineError
+from pipeline.train import Split, expected_provenance, load_split, train
 from tests.conftest import FAST_PARAMS, run_stage, write_blob_features, write_params
 
 CPU = torch.device("cpu")
 
 
-def load(tmp_path: Path, **changes: object) -> tuple[features.FeatureSet, features.FeatureSet]:
+def load(tmp_path: Path, in_memory_mb: int = 4096, **changes: object) -> tuple[Split, Split]:
     write_blob_features(tmp_path, **changes)
-    return features.read_features(tmp_path / "train.h5"), features.read_features(tmp_path / "val.h5")
+    return tuple(load_split(tmp_path / f"{s}.h5", in_memory_mb=in_memory_mb, device=CPU) for s in ("train", "val"))
+
+
+def accuracy(model: torch.nn.Module, split: Split) -> float:
+    ((x, y),) = split.blocks(None)
+    with torch.inference_mode():
+        return (model.eval()(x).argmax(1) == y).float().mean().item()
 
 
 @pytest.mark.parametrize("head", ["linear", "mlp", "logreg"])
 def test_every_head_trains_and_logs_its_curves(tmp_path: Path, head: str):
-    train_set, val_set = load(tmp_path)
+    train_split, val_split = load(tmp_path)
     cfg = TrainConfig(head=head, hidden=(32,), epochs=12, lr=0.05)
     steps: list[dict] = []
-    model, spec = train(train_set, val_set, cfg, seed=0, device=CPU, log_step=steps.append)
-    x_val, y_val = torch.from_numpy(val_set.features["original"]), torch.from_numpy(val_set.labels)
-    with torch.inference_mode():
-        accuracy = (model.eval()(x_val).argmax(1) == y_val).float().mean().item()
-    assert accuracy > 0.9
+    model, spec = train(train_split, val_split, cfg, seed=0, device=CPU, log_step=steps.append)
+    assert accuracy(model, val_split) > 0.9
     assert spec["head"] == head and spec["in_dim"] == 16 and spec["num_classes"] == 3
-    assert spec["provenance"] == train_set.provenance
+    assert spec["provenance"] == train_split.provenance
     if head == "logreg":
         assert [s["logreg/C"] for s in steps] == list(cfg.logreg_C) and spec["C"] in cfg.logreg_C
     else:
@@ -38,18 +42,47 @@ def test_every_head_trains_and_logs_its_curves(tmp_path: Path, head: str):
 
 
 def test_training_is_deterministic(tmp_path: Path):
-    train_set, val_set = load(tmp_path)
+    train_split, val_split = load(tmp_path)
     cfg = TrainConfig(epochs=3)
-    a, _ = train(train_set, val_set, cfg, seed=0, device=CPU, log_step=lambda _: None)
-    b, _ = train(train_set, val_set, cfg, seed=0, device=CPU, log_step=lambda _: None)
+    a, _ = train(train_split, val_split, cfg, seed=0, device=CPU, log_step=lambda _: None)
+    b, _ = train(train_split, val_split, cfg, seed=0, device=CPU, log_step=lambda _: None)
     for (name, ta), tb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert torch.equal(ta, tb), name
 
 
 def test_cached_views_add_training_rows(tmp_path: Path):
-    train_set, val_set = load(tmp_path, views=["original", "hflip"])  # hflip block = original + 10
-    model, _ = train(train_set, val_set, TrainConfig(epochs=1), seed=0, device=CPU, log_step=lambda _: None)
-    torch.testing.assert_close(model.mean, torch.from_numpy(train_set.features["original"]).mean(0) + 5)
+    train_split, val_split = load(tmp_path, views=["original", "hflip"])  # hflip block = original + 10
+    assert train_split.rows == 180
+    model, _ = train(train_split, val_split, TrainConfig(epochs=1), seed=0, device=CPU, log_step=lambda _: None)
+    original = features.read_features(tmp_path / "train.h5").features["original"]
+    torch.testing.assert_close(model.mean, torch.from_numpy(original).mean(0) + 5)
+
+
+def test_splits_larger_than_the_memory_limit_stream_in_shuffled_chunk_aligned_blocks(tmp_path: Path):
+    write_blob_features(tmp_path, n=900, dim=2048)  # float32 rows of 8 KiB: 128 rows per 1 MiB chunk
+    whole = load_split(tmp_path / "train.h5", in_memory_mb=4096, device=CPU)
+    streamed = load_split(tmp_path / "train.h5", in_memory_mb=0, device=CPU)
+    assert whole.in_memory and not streamed.in_memory
+    blocks = list(streamed.blocks(None))
+    assert [len(x) for x, _ in blocks] == [128] * 7 + [4]  # whole chunks, in file order without a generator
+    ((x, y),) = whole.blocks(None)
+    torch.testing.assert_close(torch.cat([b[0] for b in blocks]), x)
+    g = torch.Generator().manual_seed(0)
+    orders = [tuple(len(x) for x, _ in streamed.blocks(g)) for _ in range(4)]  # four epochs
+    assert len(set(orders)) > 1  # a new block order each epoch (the short block moves)
+    stats = [heads.standardization(s.blocks(None), 2048, True) for s in (whole, streamed)]
+    torch.testing.assert_close(stats[0], stats[1])
+
+
+def test_a_streamed_split_trains_as_well(tmp_path: Path):
+    write_blob_features(tmp_path, n=900, dim=2048)
+    train_split, val_split = (load_split(tmp_path / f"{s}.h5", in_memory_mb=0, device=CPU) for s in ("train", "val"))
+    cfg = TrainConfig(head="linear", epochs=3, lr=0.01)
+    steps: list[dict] = []
+    model, _ = train(train_split, val_split, cfg, seed=0, device=CPU, log_step=steps.append)
+    assert steps[-1]["val/acc"] > 0.9
+    with pytest.raises(PipelineError, match="logreg fits scikit-learn in memory"):
+        train(train_split, val_split, TrainConfig(head="logreg"), seed=0, device=CPU, log_step=steps.append)
 
 
 def test_provenance_expected_from_params():
