@@ -144,3 +144,16 @@ def test_bad_weight_files_are_clear_errors(tmp_path: Path, content, message: str
         torch.save(content, path)
     with pytest.raises(PipelineError, match=message):
         backbone.build_extractor(dataclasses.replace(CFG, weights=str(path)), seed=0)
+
+
+def test_only_the_layers_up_to_the_cut_are_materialised():
+    model, _, _ = backbone.build_extractor(ExtractConfig(weights="random", layer="pool5"), seed=0)
+    assert sum(p.numel() for p in model.parameters()) == 14_714_688  # VGG16's convolutions, no classifier
+    assert all(p.device.type == "cpu" for p in model.parameters())
+
+
+def test_bf16_precision_runs_under_autocast_and_returns_float32():
+    model, _, _ = backbone.build_extractor(CFG, seed=0, precision="bf16")
+    with torch.inference_mode():
+        out = model(torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8))
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()

@@ -7,10 +7,12 @@ import h5py
 import numpy as np
 import pytest
 import torch
+import torchvision
 
 from pipeline import backbone, features, sources
 from pipeline.config import parse_params
-from pipeline.extract import extract
+from pipeline.errors import PipelineError
+from pipeline.extract import extract, split_batches
 from tests.conftest import make_cifar
 
 FAST = {"arch": "vgg11", "weights": "random", "image_size": 32, "batch_size": 8, "num_workers": 0, "precision": "fp32"}
@@ -63,3 +65,57 @@ def test_two_runs_give_byte_identical_files(tmp_path: Path, imagefolder: Path):
         extract(params, tmp_path / "prepared", tmp_path / run)
         digests.append([hashlib.sha256((tmp_path / run / f"{s}.h5").read_bytes()).hexdigest() for s in sources.SPLITS])
     assert digests[0] == digests[1]
+
+
+def test_batches_never_straddle_two_splits():
+    assert split_batches([5, 0, 3], 2) == [[0, 1], [2, 3], [4], [5, 6], [7]]
+
+
+def read_split(path: Path) -> tuple[np.ndarray, dict]:
+    with h5py.File(path) as f:
+        return f["features"][:], {"compression": f["features"].compression}
+
+
+def test_precision_is_recorded_and_bf16_stays_close_to_fp32(tmp_path: Path, imagefolder: Path):
+    data = {"source": "imagefolder", "root": str(imagefolder)}
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        params, _, _ = prepare(tmp_path, data, {"precision": precision, "storage_dtype": "float32"})
+        extract(params, tmp_path / "prepared", tmp_path / precision)
+        runs[precision], _ = read_split(tmp_path / precision / "train.h5")
+        assert features.read_provenance(tmp_path / precision / "train.h5")["precision"] == precision
+    scale = np.abs(runs["fp32"]).max()
+    np.testing.assert_allclose(runs["bf16"], runs["fp32"], atol=0.05 * scale)
+    assert not np.array_equal(runs["bf16"], runs["fp32"])
+
+
+def test_lzf_compression_changes_the_filter_not_the_values(tmp_path: Path, imagefolder: Path):
+    data = {"source": "imagefolder", "root": str(imagefolder)}
+    values = {}
+    for compression in ("none", "lzf"):
+        params, _, _ = prepare(tmp_path, data, {"compression": compression, "pool": "flatten", "layer": "pool4"})
+        extract(params, tmp_path / "prepared", tmp_path / compression)
+        values[compression], info = read_split(tmp_path / compression / "train.h5")
+        assert info["compression"] == (None if compression == "none" else "lzf")
+    np.testing.assert_array_equal(values["none"], values["lzf"])
+
+
+def test_compiled_network_gives_the_same_features(tmp_path: Path, imagefolder: Path):
+    data = {"source": "imagefolder", "root": str(imagefolder)}
+    runs = {}
+    for compiled in (False, True):
+        params, _, _ = prepare(tmp_path, data, {"compile": compiled, "layer": "pool2", "storage_dtype": "float32"})
+        extract(params, tmp_path / "prepared", tmp_path / str(compiled))
+        runs[compiled], _ = read_split(tmp_path / str(compiled) / "train.h5")
+    np.testing.assert_allclose(runs[True], runs[False], rtol=1e-4, atol=1e-4)
+
+
+def test_non_finite_features_stop_extraction_and_leave_no_file(tmp_path: Path, imagefolder: Path):
+    state = torchvision.models.vgg11().state_dict()
+    state["features.0.weight"][:] = float("nan")
+    torch.save(state, tmp_path / "broken.pth")
+    data = {"source": "imagefolder", "root": str(imagefolder)}
+    params, _, _ = prepare(tmp_path, data, {"weights": str(tmp_path / "broken.pth")})
+    with pytest.raises(PipelineError, match="non-finite features"):
+        extract(params, tmp_path / "prepared", tmp_path / "features")
+    assert list((tmp_path / "features").iterdir()) == []

@@ -89,3 +89,37 @@ def test_foreign_hdf5_files_are_refused(tmp_path: Path):
         f["features"] = np.zeros((2, 2))
     with pytest.raises(PipelineError, match="not a feature file of this pipeline"):
         features.read_provenance(tmp_path / "other.h5")
+
+
+def test_values_beyond_float16_are_refused(tmp_path: Path):
+    with pytest.raises(PipelineError, match="beyond float16's range"), features.FeatureWriter(
+        tmp_path / "t.h5", n=2, dim=2, dtype="float16", views=["original"], provenance=provenance()
+    ) as writer:  # fmt: skip
+        writer.write(0, {"original": np.full((2, 2), 1e6, dtype=np.float32)}, np.zeros(2), ["a", "b"])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_error_on_the_writer_thread_reaches_the_caller(tmp_path: Path):
+    writer = features.FeatureWriter(
+        tmp_path / "t.h5", n=2, dim=2, dtype="float32", views=["original"], provenance=provenance()
+    )
+    writer.write(0, {"original": np.zeros((2, 3), dtype=np.float32)}, np.zeros(2), ["a", "b"])  # wrong width
+    with pytest.raises(TypeError):
+        writer.close()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_block_reader_reads_whole_chunks_and_every_row_once(tmp_path: Path):
+    write(tmp_path / "train.h5", n=1000, dim=2048)  # float16: 256 rows per chunk
+    reader = features.BlockReader(tmp_path / "train.h5", block_mb=2)
+    assert reader.block_rows % 256 == 0 and reader.num_blocks == -(-1000 // reader.block_rows)
+    whole = features.read_features(tmp_path / "train.h5")
+    start = 0
+    for k in range(reader.num_blocks):
+        x, y = reader.read(k)
+        rows = len(x) // 2  # the original view's rows, then the same rows of the hflip view
+        np.testing.assert_array_equal(x[:rows], whole.features["original"][start : start + rows])
+        np.testing.assert_array_equal(x[rows:], whole.features["hflip"][start : start + rows])
+        np.testing.assert_array_equal(y, np.tile(whole.labels[start : start + rows], 2))
+        start += rows
+    assert start == 1000
