@@ -6,13 +6,16 @@ import hashlib
 import logging
 import os
 import socket
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torchvision
+from PIL import Image
 from torch import nn
+from torch.utils.data import Dataset
 from torchvision.models import VGG, get_model_weights
 from torchvision.transforms import functional as F
 from torchvision.transforms._presets import ImageClassification
@@ -70,6 +73,24 @@ def preprocessing(arch: str, image_size: int) -> Preprocessing:
         mean=tuple(preset.mean),
         std=tuple(preset.std),
     )
+
+
+class Images(Dataset):
+    """Opens and resizes in DataLoader workers: yields (uint8 (3, S, S) crop, index, error). A file that cannot be
+    read gives a zero crop and the reason, so that the caller decides whether that is fatal."""
+
+    def __init__(self, keys: Sequence[Any], open_image: Callable[[Any], Any], prep: Preprocessing) -> None:
+        self.keys, self.open_image, self.prep = keys, open_image, prep
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, str]:
+        try:
+            return self.prep.to_uint8(self.open_image(self.keys[index])), index, ""
+        except (OSError, ValueError, Image.DecompressionBombError) as err:  # what PIL raises for a bad file
+            blank = torch.zeros(3, self.prep.crop_size, self.prep.crop_size, dtype=torch.uint8)
+            return blank, index, f"{type(err).__name__}: {err}"
 
 
 # ---------------------------------------------------------------------------- weights
@@ -161,8 +182,9 @@ class FeatureExtractor(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = (images.float() - self.mean) / self.std  # same as (x / 255 - mean) / std
-        dtype = DTYPES[self.precision]
-        with torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32):
+        if self.precision == "fp32":
+            return self.pool(self.body(x))
+        with torch.autocast(x.device.type, dtype=DTYPES[self.precision]):
             return self.pool(self.body(x)).float()
 
 
@@ -212,3 +234,24 @@ def build_extractor(
     prep = preprocessing(cfg.arch, cfg.image_size)
     extractor = FeatureExtractor(body, cfg.pool, prep, precision).eval().requires_grad_(False)
     return extractor, prep, weights_info
+
+
+def extractor_for(provenance: dict[str, Any], precision: str | None = None) -> tuple[FeatureExtractor, Preprocessing]:
+    """The extractor that made features with this provenance (for a head trained on them), on the CPU.
+
+    Refuses weights that no longer match what the features were made with (a changed local weights file).
+    """
+    cfg = ExtractConfig(
+        arch=provenance["arch"],
+        weights=provenance["weights"],
+        layer=provenance["layer"],
+        pool=provenance["pool"],
+        image_size=provenance["image_size"],
+    )
+    extractor, prep, weights_info = build_extractor(cfg, provenance["seed"], precision or provenance["precision"])
+    if weights_info["weights_source"] != provenance["weights_source"]:
+        raise PipelineError(
+            f"the head was trained on features from {provenance['weights_source']}, but extract.weights = "
+            f"{provenance['weights']!r} now gives {weights_info['weights_source']}; re-run the pipeline (dvc repro)"
+        )
+    return extractor, prep

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 import torchvision
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from pipeline import backbone, features, sources
@@ -23,19 +23,6 @@ from pipeline.errors import PipelineError, run_stage
 from pipeline.hardware import resolve_device, resolve_precision
 
 log = logging.getLogger(__name__)
-
-
-class _Images(Dataset):
-    """Decodes and resizes in DataLoader workers; yields uint8 (3, S, S) tensors and row indices."""
-
-    def __init__(self, ids: Sequence[str], reader: sources.ImageReader, prep: backbone.Preprocessing) -> None:
-        self.ids, self.reader, self.prep = ids, reader, prep
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.prep.to_uint8(self.reader(self.ids[index])), index
 
 
 def split_batches(sizes: Sequence[int], batch_size: int) -> list[list[int]]:
@@ -94,7 +81,7 @@ def extract(params: Params, prepared: Path, out_dir: Path) -> dict[str, float]:
     labels = np.array([it.label for it in ordered], dtype=np.int64)
     ids = [it.id for it in ordered]
     loader = DataLoader(
-        _Images(ids, sources.ImageReader(params.data), prep),
+        backbone.Images(ids, sources.ImageReader(params.data), prep),
         batch_sampler=split_batches([len(rows[s]) for s in sources.SPLITS], cfg.batch_size),
         num_workers=cfg.num_workers,
         pin_memory=device.type == "cuda",
@@ -117,7 +104,10 @@ def extract(params: Params, prepared: Path, out_dir: Path) -> dict[str, float]:
         ]
         start_time, warm = time.perf_counter(), None  # warm: time and rows when the first batch is done
         with torch.inference_mode(), tqdm(total=len(ids), desc="extract", unit="img", dynamic_ncols=True) as bar:
-            for images, index in loader:
+            for images, index, errors in loader:
+                for row, error in zip(index.tolist(), errors, strict=True):
+                    if error:
+                        raise PipelineError(f"cannot read image {ids[row]!r}: {error}")
                 first = int(index[0])
                 k = int(np.searchsorted(starts, first, side="right")) - 1  # the split this batch belongs to
                 views = cfg.views if sources.SPLITS[k] == "train" else ("original",)

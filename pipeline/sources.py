@@ -202,6 +202,20 @@ def read_manifest(prepared_dir: Path) -> tuple[list[Item], list[str]]:
 # ---------------------------------------------------------------------------- readers
 
 
+def open_image(path: Path) -> Image.Image:
+    """An image file as RGB, with its EXIF orientation applied."""
+    with Image.open(path) as img:
+        return ImageOps.exif_transpose(img).convert("RGB")
+
+
+def find_images(paths: Sequence[Path]) -> list[Path]:
+    """The image files among ``paths``, with folders searched recursively (hidden files skipped), in order."""
+    found: list[Path] = []
+    for path in paths:
+        found += _image_files(path) if path.is_dir() else [path]
+    return found
+
+
 class ImageReader:
     """Opens an item id of one source as an RGB PIL image. Cheap to copy into DataLoader workers."""
 
@@ -221,8 +235,7 @@ class ImageReader:
 
     def __call__(self, item_id: str) -> Image.Image:
         if self.source == "imagefolder":
-            with Image.open(self.root / item_id) as img:
-                return ImageOps.exif_transpose(img).convert("RGB")
+            return open_image(self.root / item_id)
         group, index = item_id.split("/")
         return Image.fromarray(self._arrays[group][int(index)]).convert("RGB")
 
