@@ -1,4 +1,5 @@
-"""Stage `evaluate`: test-split metrics and a confusion matrix for the trained head, computed with scikit-learn."""
+"""Stage `evaluate`: test-split metrics (scikit-learn) and plots: confusion matrix, ROC and precision-recall curves,
+and a contact sheet of the worst-classified test images."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image, ImageDraw
 from sklearn import metrics as skm
 
-from pipeline import features, heads
+from pipeline import features, heads, sources
 from pipeline.config import load_params, to_dict
 from pipeline.errors import run_stage
 
@@ -35,6 +37,42 @@ def compute_metrics(
         for name, p, r, f, s in zip(class_names, precision, recall, f1, support, strict=True)
     }
     return {"test": test, "val": {"accuracy": float(val_accuracy)}}
+
+
+WORST_COUNT = 16
+
+
+def positive_scores(probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(is positive, score) pairs for ROC and precision-recall curves: the second class's probability for two
+    classes; for more, every (image, class) pair one-vs-rest, which gives the micro-averaged curves."""
+    probs = probs.astype(np.float64)  # dvclive writes the thresholds with json, which refuses float32
+    if probs.shape[1] == 2:
+        return labels == 1, probs[:, 1]
+    onehot = np.eye(probs.shape[1], dtype=bool)[labels]
+    return onehot.ravel(), probs.ravel()
+
+
+def worst_classified(probs: np.ndarray, labels: np.ndarray, *, count: int) -> list[int]:
+    """Test rows by descending loss (lowest probability on the true class), misclassified or not."""
+    return np.argsort(probs[np.arange(len(labels)), labels], kind="stable")[:count].tolist()
+
+
+def contact_sheet(
+    images: Sequence[Image.Image], captions: Sequence[str], *, thumb: int = 128, columns: int = 4
+) -> Image.Image:
+    """A grid of thumbnails, each with its caption underneath."""
+    rows = max(1, -(-len(images) // columns))
+    caption_h = 14
+    sheet = Image.new("RGB", (columns * thumb, rows * (thumb + caption_h)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, (image, caption) in enumerate(zip(images, captions, strict=True)):
+        x, y = (i % columns) * thumb, (i // columns) * (thumb + caption_h)
+        k = thumb / max(image.size)  # tiny images (8x8 digits) are scaled up with their pixels kept sharp
+        size = (max(1, round(image.width * k)), max(1, round(image.height * k)))
+        small = image.resize(size, Image.NEAREST if k > 1 else Image.BILINEAR)
+        sheet.paste(small, (x + (thumb - small.width) // 2, y + (thumb - small.height) // 2))
+        draw.text((x + 2, y + thumb + 1), caption, fill="black")
+    return sheet
 
 
 def main() -> None:
@@ -67,12 +105,24 @@ def main() -> None:
     )
     log.info("test accuracy %.4f, macro F1 %.4f", results["test"]["accuracy"], results["test"]["macro_f1"])
 
+    test_ids = splits["test"].ids
+    worst = worst_classified(test_probs, test_labels, count=WORST_COUNT)
+    reader = sources.ImageReader(params.data)
+    captions = [
+        f"{class_names[test_labels[i]]} -> {class_names[test_probs[i].argmax()]} ({test_probs[i].max():.2f})"
+        for i in worst
+    ]
+    sheet = contact_sheet([reader(test_ids[i]) for i in worst], captions)
+
     with Live(str(args.live), dvcyaml=False, save_dvc_exp=False) as live:
         live.summary = results
         names = np.asarray(class_names)
-        live.log_sklearn_plot(
-            "confusion_matrix", names[test_labels], names[test_probs.argmax(1)], name="confusion_matrix.json"
-        )
+        pred = test_probs.argmax(1)
+        live.log_sklearn_plot("confusion_matrix", names[test_labels], names[pred], name="confusion_matrix.json")
+        y_true, y_score = positive_scores(test_probs, test_labels)
+        live.log_sklearn_plot("roc", y_true, y_score, name="roc.json", drop_intermediate=True)
+        live.log_sklearn_plot("precision_recall", y_true, y_score, name="precision_recall.json")
+        live.log_image("worst_test_images.png", sheet)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import pickle
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -24,9 +25,15 @@ FAST_PARAMS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """No analytics, no real torch hub cache, and no way out of loopback for any download attempt."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        _isolate(monkeypatch, tmp_path_factory)
+        yield
+
+
+def _isolate(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
     monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
     monkeypatch.setenv("TORCH_HOME", str(tmp_path_factory.mktemp("torch_home")))
     for var in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
@@ -95,7 +102,10 @@ def git(project: Path, *args: str) -> None:
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
     """A committed copy of this project (no outputs) with fast parameters, ready for real dvc commands."""
-    dest = tmp_path / "project"
+    return copy_project(tmp_path / "project")
+
+
+def copy_project(dest: Path) -> Path:
     for name in PROJECT_FILES:
         src = ROOT / name
         if src.is_dir():
@@ -159,7 +169,7 @@ def write_blob_features(out_dir: Path, *, n: int = 90, dim: int = 16, seed: int 
     out_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     centers = rng.standard_normal((3, dim)) * 4
-    for split in ("train", "val", "test"):
+    for k, split in enumerate(("train", "val", "test")):
         labels = np.arange(n) % 3
         x = (centers[labels] + rng.standard_normal((n, dim))).astype(np.float32)
         prov = feature_provenance(split=split, feature_dim=dim, **changes)
@@ -168,7 +178,8 @@ def write_blob_features(out_dir: Path, *, n: int = 90, dim: int = 16, seed: int 
             out_dir / f"{split}.h5", n=n, dim=dim, dtype="float32", views=views, provenance=prov
         ) as writer:
             blocks = {v: x + 10 * i for i, v in enumerate(views)}
-            writer.write(0, blocks, labels, [f"{split}/{i}" for i in range(n)])
+            ids = [f"digits/{k * n + i:04d}" for i in range(n)]  # real digits ids: evaluate shows the worst images
+            writer.write(0, blocks, labels, ids)
 
 
 # The paths dvc.yaml passes to each stage.
