@@ -103,6 +103,17 @@ class Params:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
 
+def dvc_path(name: str, dvc_yaml: str | Path = "dvc.yaml") -> Path:
+    """A path named under ``vars: paths:`` in dvc.yaml, for tools outside the stages (predict, export)."""
+    try:
+        for entry in yaml.safe_load(Path(dvc_yaml).read_text())["vars"]:
+            if isinstance(entry, dict) and name in entry.get("paths", {}):
+                return Path(entry["paths"][name])
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        pass
+    raise ConfigError(f"no path {name!r} under vars: paths: in {dvc_yaml}: run from the project root")
+
+
 def load_params(path: str | Path = PARAMS_FILE) -> Params:
     """Read and validate ``params.yaml``; every key is checked before any stage does work."""
     path = Path(path)

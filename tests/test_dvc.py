@@ -80,3 +80,13 @@ def test_digits_pipeline_end_to_end_with_metrics_and_plots(project: Path):
     first = {p: digest(project / p) for p in outputs}
     run(project, "dvc", "repro", "--force")
     assert {p: digest(project / p) for p in outputs} == first
+
+
+def test_a_sweep_over_heads_reuses_the_cached_features(imagefolder_project: Path):
+    features = {p.name: digest(p) for p in (imagefolder_project / "data" / "features").glob("*.h5")}
+    for head in ("logreg", "linear"):
+        out = run(imagefolder_project, "dvc", "exp", "run", "-S", f"train.head={head}").stdout
+        assert re.findall(r"Running stage '(\w+)'", out) == ["train", "evaluate"], out
+    shown = run(imagefolder_project, "dvc", "exp", "show", "--json").stdout
+    assert "logreg" in shown and "linear" in shown
+    assert {p.name: digest(p) for p in (imagefolder_project / "data" / "features").glob("*.h5")} == features
