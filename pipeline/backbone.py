@@ -13,7 +13,6 @@ from typing import Any
 
 import torch
 import torchvision
-from PIL import Image
 from torch import nn
 from torch.utils.data import Dataset
 from torchvision.models import VGG, get_model_weights
@@ -23,6 +22,7 @@ from torchvision.transforms._presets import ImageClassification
 from pipeline.config import ExtractConfig
 from pipeline.errors import PipelineError
 from pipeline.hardware import DTYPES
+from pipeline.sources import IMAGE_ERRORS
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ class Images(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, str]:
         try:
             return self.prep.to_uint8(self.open_image(self.keys[index])), index, ""
-        except (OSError, ValueError, Image.DecompressionBombError) as err:  # what PIL raises for a bad file
+        except IMAGE_ERRORS as err:
             blank = torch.zeros(3, self.prep.crop_size, self.prep.crop_size, dtype=torch.uint8)
             return blank, index, f"{type(err).__name__}: {err}"
 

@@ -4,26 +4,62 @@ from __future__ import annotations
 
 import argparse
 import collections
+import concurrent.futures
+import csv
+import json
 import logging
+import os
 from pathlib import Path
 
+from tqdm import tqdm
+
 from pipeline import sources
-from pipeline.config import load_params, to_dict
+from pipeline.config import DataConfig, load_params, to_dict
 from pipeline.errors import run_stage
 
 log = logging.getLogger(__name__)
+
+SKIPPED = "skipped.csv"
+
+
+def find_bad_images(cfg: DataConfig) -> dict[str, str]:
+    """Decode every image of an imagefolder root once, in parallel; returns {id: reason} for the unreadable ones."""
+    ids = sources.imagefolder_ids(cfg)
+    root = Path(cfg.root)
+    with concurrent.futures.ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:
+        problems = pool.map(sources.image_problem, [root / i for i in ids], chunksize=64)
+        checked = tqdm(problems, total=len(ids), desc="check images", unit="img", dynamic_ncols=True)
+        return {i: problem for i, problem in zip(ids, checked, strict=True) if problem}
+
+
+def write_skipped(path: Path, bad: dict[str, str]) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(["id", "reason"])
+        writer.writerows(sorted(bad.items()))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, required=True, help="directory for manifest.csv and classes.json")
+    parser.add_argument("--metrics", type=Path, required=True, help="JSON file for image counts")
     args = parser.parse_args()
     params = load_params()
-    log.info("data params: %s", to_dict(params.data))
-    items, classes = sources.discover(params.data, params.seed)
+    cfg = params.data
+    log.info("data params: %s", to_dict(cfg))
+    bad = find_bad_images(cfg) if cfg.source == "imagefolder" and cfg.on_bad_image == "skip" else {}
+    for image_id, reason in sorted(bad.items()):
+        log.warning("skipping %s: %s", image_id, reason)
+    items, classes = sources.discover(cfg, params.seed, exclude=frozenset(bad))
     sources.write_manifest(args.out, items, classes)
+    write_skipped(args.out / SKIPPED, bad)
     counts = collections.Counter(it.split for it in items)
-    log.info("%d classes; %s", len(classes), ", ".join(f"{s}: {counts[s]}" for s in sources.SPLITS))
+    args.metrics.parent.mkdir(parents=True, exist_ok=True)
+    summary = {"images": len(items), "skipped_images": len(bad), "classes": len(classes)} | dict(counts)
+    args.metrics.write_text(json.dumps(summary, indent=1) + "\n")
+    log.info(
+        "%d classes; %s; %d skipped", len(classes), ", ".join(f"{s}: {counts[s]}" for s in sources.SPLITS), len(bad)
+    )
 
 
 if __name__ == "__main__":

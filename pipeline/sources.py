@@ -12,7 +12,9 @@ import csv
 import json
 import logging
 import pickle
-from collections.abc import Sequence
+import unicodedata
+import warnings
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,15 +43,18 @@ class Item:
 # ---------------------------------------------------------------------------- discovery
 
 
-def discover(cfg: DataConfig, seed: int) -> tuple[list[Item], list[str]]:
-    """All labelled items of the configured source with their splits, and the class names."""
+def discover(cfg: DataConfig, seed: int, exclude: frozenset[str] = frozenset()) -> tuple[list[Item], list[str]]:
+    """All labelled items of the configured source with their splits, and the class names.
+
+    ``exclude``: imagefolder ids to leave out (unreadable files), before the split is drawn.
+    """
     if cfg.source == "digits":
         ids, labels, classes = _digits_items()
         items = _split(ids, labels, cfg, seed)
     elif cfg.source == "cifar10":
         items, classes = _cifar_items(cfg, seed)
     else:
-        items, classes = _imagefolder_items(cfg, seed)
+        items, classes = _imagefolder_items(cfg, seed, exclude)
     if cfg.per_class_limit:
         items = limit_per_class(items, cfg.per_class_limit, seed)
     return items, classes
@@ -119,43 +124,74 @@ def _class_dirs(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _imagefolder_items(cfg: DataConfig, seed: int) -> tuple[list[Item], list[str]]:
-    root = Path(cfg.root)
+def _imagefolder_listing(root: Path) -> tuple[list[str], dict[str, tuple[list[str], list[int]]]]:
+    """Classes and, per split folder ("" when there are none), the image ids and labels found under ``root``."""
     if not root.is_dir():
-        raise PipelineError(f"data.root = {cfg.root!r} is not a directory: put one folder of images per class there")
+        raise PipelineError(f"data.root = {str(root)!r} is not a directory: put one folder of images per class there")
     split_dirs = {s: root / s for s in SPLITS if (root / s).is_dir()}
-    bases = list(split_dirs.values()) if split_dirs else [root]
-    classes = sorted({d.name for base in bases for d in _class_dirs(base)})
+    if split_dirs and "train" not in split_dirs:
+        raise PipelineError(f"{root} has {', '.join(split_dirs)} folders but no train/ folder")
+    bases = split_dirs or {"": root}
+    classes = sorted({d.name for base in bases.values() for d in _class_dirs(base)})
     if not classes:
         raise PipelineError(f"no class folders under {root}: expected {root}/<class>/<image> or {root}/train/<class>/…")
-    label_of = {c: i for i, c in enumerate(classes)}
-
-    def collect(base: Path) -> tuple[list[str], list[int]]:
+    listing = {}
+    for split, base in bases.items():
         ids, labels = [], []
         for d in _class_dirs(base):
-            for f in _image_files(d):
-                ids.append(f.relative_to(root).as_posix())
-                labels.append(label_of[d.name])
-        return ids, labels
+            files = _image_files(d)
+            if not files:
+                raise PipelineError(f"class folder {d} has no image files ({', '.join(IMAGE_EXTENSIONS)})")
+            ids += [f.relative_to(root).as_posix() for f in files]
+            labels += [classes.index(d.name)] * len(files)
+        listing[split] = (ids, labels)
+    return classes, listing
 
-    if not split_dirs:
-        ids, labels = collect(root)
-        return _split(ids, labels, cfg, seed), classes
-    if "train" not in split_dirs:
-        raise PipelineError(f"{root} has {', '.join(split_dirs)} folders but no train/ folder")
-    ids, labels = collect(split_dirs["train"])
-    carve = {"val": cfg.val_fraction, "test": cfg.test_fraction}
-    missing = {s: f for s, f in carve.items() if s not in split_dirs}
-    if missing:  # carve the missing splits out of train, stratified
-        cut = _split(ids, labels, DataConfig(val_fraction=carve["val"], test_fraction=carve["test"]), seed)
-        items = [Item(it.id, it.label, it.split if it.split in missing else "train") for it in cut]
+
+def imagefolder_ids(cfg: DataConfig) -> list[str]:
+    """Every image id of an imagefolder root, before any split."""
+    _, listing = _imagefolder_listing(Path(cfg.root))
+    return [i for ids, _ in listing.values() for i in ids]
+
+
+def _imagefolder_items(cfg: DataConfig, seed: int, exclude: frozenset[str]) -> tuple[list[Item], list[str]]:
+    classes, listing = _imagefolder_listing(Path(cfg.root))
+    _check_unique(i for ids, _ in listing.values() for i in ids)
+    kept = {}
+    for split, (ids, labels) in listing.items():
+        pairs = [(i, lab) for i, lab in zip(ids, labels, strict=True) if i not in exclude]
+        kept[split] = ([i for i, _ in pairs], [lab for _, lab in pairs])
+    if len(classes) < 2:
+        raise PipelineError(f"only one class ({classes[0]!r}) under {cfg.root}: a classifier needs at least two")
+    if "" in kept:
+        items = _split(*kept[""], cfg, seed)
     else:
-        items = [Item(i, lab, "train") for i, lab in zip(ids, labels, strict=True)]
-    for s in ("val", "test"):
-        if s in split_dirs:
-            s_ids, s_labels = collect(split_dirs[s])
-            items += [Item(i, lab, s) for i, lab in zip(s_ids, s_labels, strict=True)]
+        carve = {"val": cfg.val_fraction, "test": cfg.test_fraction}
+        missing = {s for s in carve if s not in kept}
+        if missing:  # carve the missing splits out of train, stratified
+            cut = _split(*kept["train"], DataConfig(val_fraction=carve["val"], test_fraction=carve["test"]), seed)
+            items = [Item(it.id, it.label, it.split if it.split in missing else "train") for it in cut]
+        else:
+            items = [Item(i, lab, "train") for i, lab in zip(*kept["train"], strict=True)]
+        for s in ("val", "test"):
+            if s in kept:
+                items += [Item(i, lab, s) for i, lab in zip(*kept[s], strict=True)]
+    for split in SPLITS:
+        absent = set(range(len(classes))) - {it.label for it in items if it.split == split}
+        if absent:
+            names = ", ".join(repr(classes[c]) for c in sorted(absent))
+            raise PipelineError(f"the {split} split has no images of class {names}: every class must be in every split")
     return items, classes
+
+
+def _check_unique(ids: Iterable[str]) -> None:
+    """Refuse ids that differ only in letter case or Unicode normalisation: they collide on many file systems."""
+    seen: dict[str, str] = {}
+    for i in ids:
+        key = unicodedata.normalize("NFC", i).casefold()
+        if key in seen:
+            raise PipelineError(f"image ids {seen[key]!r} and {i!r} differ only in case or accents: rename one")
+        seen[key] = i
 
 
 def _cifar_items(cfg: DataConfig, seed: int) -> tuple[list[Item], list[str]]:
@@ -202,10 +238,43 @@ def read_manifest(prepared_dir: Path) -> tuple[list[Item], list[str]]:
 # ---------------------------------------------------------------------------- readers
 
 
+# What PIL raises for a file it cannot decode: unidentified or truncated data (OSError), broken chunks
+# (SyntaxError, ValueError, EOFError), and images past its pixel limit.
+IMAGE_ERRORS = (
+    OSError,
+    SyntaxError,
+    ValueError,
+    EOFError,
+    Image.DecompressionBombError,
+    Image.DecompressionBombWarning,
+)
+
+
 def open_image(path: Path) -> Image.Image:
-    """An image file as RGB, with its EXIF orientation applied."""
-    with Image.open(path) as img:
-        return ImageOps.exif_transpose(img).convert("RGB")
+    """An image file as 8-bit RGB, with its EXIF orientation applied; raises one of IMAGE_ERRORS if unreadable.
+
+    16-bit images are scaled to 8 bits (PIL's own conversion would clip them to white); an image over
+    PIL's pixel limit (``Image.MAX_IMAGE_PIXELS``) is refused as a decompression bomb.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(path) as img:
+            img = ImageOps.exif_transpose(img)
+            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+                wide = np.asarray(img, dtype=np.int64)
+                if img.mode != "I" or wide.max() > 255:  # 16-bit samples (PIL reads some 16-bit PNGs as "I")
+                    wide = wide >> 8
+                img = Image.fromarray(wide.clip(0, 255).astype(np.uint8))
+            return img.convert("RGB")
+
+
+def image_problem(path: Path) -> str:
+    """Why ``path`` cannot be used as an image, or "" when it can (decodes it fully)."""
+    try:
+        open_image(path)
+    except IMAGE_ERRORS as err:
+        return f"{type(err).__name__}: {err}"
+    return ""
 
 
 def find_images(paths: Sequence[Path]) -> list[Path]:
