@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import time
@@ -20,9 +19,15 @@ from tqdm import tqdm
 from pipeline import backbone, features, sources
 from pipeline.config import ExtractConfig, Params, load_params, to_dict
 from pipeline.errors import PipelineError, run_stage
+from pipeline.files import replaced
 from pipeline.hardware import resolve_device, resolve_precision
+from pipeline.progress import Progress, run_key
 
 log = logging.getLogger(__name__)
+
+PROGRESS_DIR = ".extract-progress"  # next to the features directory, outside DVC's outputs
+COMMIT_EVERY = 4  # batches between progress commits (fsync): at most this many are redone after a kill
+WRITE_ROWS = 4096  # rows per block when the work files are copied into the HDF5 outputs
 
 
 def split_batches(sizes: Sequence[int], batch_size: int) -> list[list[int]]:
@@ -80,48 +85,91 @@ def extract(params: Params, prepared: Path, out_dir: Path) -> dict[str, float]:
     starts = np.cumsum([0] + [len(rows[s]) for s in sources.SPLITS])
     labels = np.array([it.label for it in ordered], dtype=np.int64)
     ids = [it.id for it in ordered]
+    key = run_key(
+        {
+            "provenance": base,
+            "batch_size": cfg.batch_size,  # batch composition can change the last bits of the arithmetic
+            "device": device.type,
+            "manifest": [(it.id, it.label, it.split) for it in ordered],
+            "images": sources.fingerprint(params.data, ids),
+        }
+    )
+    progress = Progress(
+        out_dir.parent / PROGRESS_DIR,
+        key,
+        n=len(ids),
+        dim=base["feature_dim"],
+        dtype=cfg.storage_dtype,
+        views=cfg.views,
+    )
+    batches = split_batches([len(rows[s]) for s in sources.SPLITS], cfg.batch_size)
     loader = DataLoader(
         backbone.Images(ids, sources.ImageReader(params.data), prep),
-        batch_sampler=split_batches([len(rows[s]) for s in sources.SPLITS], cfg.batch_size),
+        batch_sampler=[b for b in batches if b[0] >= progress.rows_done],  # commits happen on batch boundaries
         num_workers=cfg.num_workers,
         pin_memory=device.type == "cuda",
     )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with contextlib.ExitStack() as stack:
-        writers = [
-            stack.enter_context(
-                features.FeatureWriter(
-                    out_dir / f"{split}.h5",
-                    n=len(rows[split]),
-                    dim=base["feature_dim"],
-                    dtype=cfg.storage_dtype,
-                    views=cfg.views if split == "train" else ("original",),
-                    provenance=base | {"split": split},
-                    compression=cfg.compression,
-                )
-            )
-            for split in sources.SPLITS
-        ]
-        start_time, warm = time.perf_counter(), None  # warm: time and rows when the first batch is done
-        with torch.inference_mode(), tqdm(total=len(ids), desc="extract", unit="img", dynamic_ncols=True) as bar:
-            for images, index, errors in loader:
+    resumed = done = progress.rows_done
+    start_time, warm = time.perf_counter(), None  # warm: time and rows when the first batch is done
+    try:
+        with torch.inference_mode(), tqdm(total=len(ids), initial=done, desc="extract", unit="img") as bar:
+            for n_batch, (images, index, errors) in enumerate(loader, start=1):
                 for row, error in zip(index.tolist(), errors, strict=True):
                     if error:
                         raise PipelineError(f"cannot read image {ids[row]!r}: {error}")
                 first = int(index[0])
-                k = int(np.searchsorted(starts, first, side="right")) - 1  # the split this batch belongs to
-                views = cfg.views if sources.SPLITS[k] == "train" else ("original",)
+                in_train = first < starts[1]
+                views = cfg.views if in_train else ("original",)
                 out = _forward(forward, images, views, device=device, pad_to=cfg.batch_size if cfg.compile else 0)
-                block = slice(first, first + len(index))
-                writers[k].write(first - int(starts[k]), out, labels[block], ids[block])
+                progress.write(first, out)
+                done = first + len(index)
+                if n_batch % COMMIT_EVERY == 0:
+                    progress.commit(done)
                 bar.update(len(index))
                 warm = warm or (time.perf_counter(), len(index))
-        end = time.perf_counter()
-    stats = {"images": len(ids), "seconds": end - start_time}
-    if warm and len(ids) > warm[1]:  # after start-up: worker launch, first decode, kernel selection
-        stats |= {"warm_images": len(ids) - warm[1], "warm_seconds": end - warm[0]}
-    log.info("extracted %d images in %.1f s (%.1f img/s)", len(ids), stats["seconds"], len(ids) / stats["seconds"])
+    finally:  # on Ctrl-C or an error too: every finished batch is kept for the next run
+        if done > progress.rows_done:
+            progress.commit(done)
+        if done < len(ids):
+            log.info("kept %d of %d images in %s: run again to continue", done, len(ids), progress.dir)
+    with replaced(out_dir) as tmp:
+        _write_splits(progress, tmp, rows, base, labels, ids, compression=cfg.compression)
+    end = time.perf_counter()  # the outputs' write counts, as the classic loop's np.save does
+    progress.remove()
+    extracted = len(ids) - resumed
+    stats = {"images": extracted, "seconds": end - start_time}
+    if warm and extracted > warm[1]:  # after start-up: worker launch, first decode, kernel selection
+        stats |= {"warm_images": extracted - warm[1], "warm_seconds": end - warm[0]}
+    log.info("extracted %d images in %.1f s (%.1f img/s)", extracted, stats["seconds"], extracted / stats["seconds"])
     return stats
+
+
+def _write_splits(
+    progress: Progress,
+    out_dir: Path,
+    rows: dict[str, list[sources.Item]],
+    base: dict[str, Any],
+    labels: np.ndarray,
+    ids: list[str],
+    *,
+    compression: str,
+) -> None:
+    """One clean pass from the work files into ``{split}.h5``, each file atomic; the bytes never depend on how
+    many runs the extraction took."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    offset = 0
+    for split in sources.SPLITS:
+        n = len(rows[split])
+        views = base["views"] if split == "train" else ["original"]
+        with features.FeatureWriter(
+            out_dir / f"{split}.h5", n=n, dim=base["feature_dim"], dtype=base["storage_dtype"], views=views,
+            provenance=base | {"split": split}, compression=compression,
+        ) as writer:  # fmt: skip
+            for a in range(0, n, WRITE_ROWS):
+                b = min(n, a + WRITE_ROWS)
+                blocks = {v: progress.read(v, offset + a, offset + b) for v in views}
+                writer.write(a, blocks, labels[offset + a : offset + b], ids[offset + a : offset + b])
+        offset += n
 
 
 def _forward(

@@ -17,6 +17,7 @@ import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -233,6 +234,27 @@ def read_manifest(prepared_dir: Path) -> tuple[list[Item], list[str]]:
         items = [Item(row["id"], int(row["label"]), row["split"]) for row in csv.DictReader(f)]
     classes = json.loads((prepared_dir / CLASSES).read_text(encoding="utf-8"))
     return items, classes
+
+
+def fingerprint(cfg: DataConfig, ids: Sequence[str]) -> list[Any]:
+    """A cheap identity of the images' content: each file's size and mtime (imagefolder), the batch files'
+    (cifar10), the scikit-learn release that bundles them (digits)."""
+    root = Path(cfg.root)
+    if cfg.source == "imagefolder":
+        return [(i, *_size_and_mtime(root / i)) for i in ids]
+    if cfg.source == "cifar10":
+        return [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted((root / _CIFAR_DIR).iterdir())]
+    import sklearn
+
+    return [sklearn.__version__]
+
+
+def _size_and_mtime(path: Path) -> tuple[int, int] | tuple[None, None]:
+    try:
+        st = path.stat()
+    except OSError:  # a dangling link: reading it will fail with the reason
+        return None, None
+    return st.st_size, st.st_mtime_ns
 
 
 # ---------------------------------------------------------------------------- readers

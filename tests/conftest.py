@@ -120,14 +120,15 @@ def copy_project(dest: Path) -> Path:
     return dest
 
 
+def project_env(project: Path) -> dict[str, str]:
+    """The environment for commands in ``project``: `python` in the stages' commands, and `dvc`, are this one's."""
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+    return os.environ | {"PYTHONPATH": str(project), "PATH": path}
+
+
 def run(project: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     """Run a command in ``project`` (dvc or python -m pipeline.*), capturing output."""
-    # `python` in the stages' commands, and `dvc`, must be this interpreter's
-    env = os.environ | {
-        "PYTHONPATH": str(project),
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-    }
-    result = subprocess.run(args, cwd=project, env=env, capture_output=True, text=True)
+    result = subprocess.run(args, cwd=project, env=project_env(project), capture_output=True, text=True)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
