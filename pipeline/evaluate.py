@@ -17,6 +17,7 @@ from sklearn import metrics as skm
 from pipeline import features, heads, sources
 from pipeline.config import load_params, to_dict
 from pipeline.errors import run_stage
+from pipeline.files import replaced
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +115,7 @@ def main() -> None:
     ]
     sheet = contact_sheet([reader(test_ids[i]) for i in worst], captions)
 
-    with Live(str(args.live), dvcyaml=False, save_dvc_exp=False) as live:
+    with replaced(args.live) as live_dir, Live(str(live_dir), dvcyaml=False, save_dvc_exp=False) as live:
         live.summary = results
         names = np.asarray(class_names)
         pred = test_probs.argmax(1)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from torch import nn
 from pipeline import backbone, heads
 from pipeline.config import dvc_path
 from pipeline.errors import run_stage
+from pipeline.files import replaced
 
 log = logging.getLogger(__name__)
 
@@ -69,14 +69,10 @@ def export(head_path: Path, out_dir: Path) -> dict[str, Any]:
         "head": {k: spec[k] for k in ("head", "in_dim", "num_classes", "hidden")},
         "provenance": spec["provenance"],
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for name, write in (
-        (MODEL, lambda p: torch.export.save(program, p)),
-        (META, lambda p: p.write_text(json.dumps(meta, indent=1) + "\n")),
-    ):
-        tmp = out_dir / f"partial-{name}"  # torch.export wants the .pt2 suffix even here
-        write(tmp)
-        os.replace(tmp, out_dir / name)
+    with replaced(out_dir) as tmp:
+        tmp.mkdir()
+        torch.export.save(program, tmp / MODEL)
+        (tmp / META).write_text(json.dumps(meta, indent=1) + "\n")
     return meta
 
 

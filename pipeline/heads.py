@@ -3,7 +3,6 @@ and the one head file format (a plain state dict, loadable with ``torch.load(wei
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -14,6 +13,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import PipelineError
+from pipeline.files import replaced
 
 
 class Classifier(nn.Module):
@@ -151,11 +151,9 @@ def save_head(path: Path, model: Classifier, spec: dict[str, Any]) -> None:
     """Write the head's state dict and its spec (architecture and the features' provenance) atomically."""
     missing = set(_SPEC_KEYS) - set(spec)
     assert not missing, f"head spec lacks {sorted(missing)}"
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    tmp = path.with_name(path.name + ".partial")
-    torch.save({"state_dict": state, "spec": spec}, tmp)
-    os.replace(tmp, path)
+    with replaced(path) as tmp:
+        torch.save({"state_dict": state, "spec": spec}, tmp)
 
 
 def load_head(path: Path) -> tuple[Classifier, dict[str, Any]]:

@@ -16,6 +16,7 @@ from tqdm import tqdm
 from pipeline import sources
 from pipeline.config import DataConfig, load_params, to_dict
 from pipeline.errors import run_stage
+from pipeline.files import replaced
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +52,13 @@ def main() -> None:
     for image_id, reason in sorted(bad.items()):
         log.warning("skipping %s: %s", image_id, reason)
     items, classes = sources.discover(cfg, params.seed, exclude=frozenset(bad))
-    sources.write_manifest(args.out, items, classes)
-    write_skipped(args.out / SKIPPED, bad)
+    with replaced(args.out) as out:
+        sources.write_manifest(out, items, classes)
+        write_skipped(out / SKIPPED, bad)
     counts = collections.Counter(it.split for it in items)
-    args.metrics.parent.mkdir(parents=True, exist_ok=True)
     summary = {"images": len(items), "skipped_images": len(bad), "classes": len(classes)} | dict(counts)
-    args.metrics.write_text(json.dumps(summary, indent=1) + "\n")
+    with replaced(args.metrics) as metrics:
+        metrics.write_text(json.dumps(summary, indent=1) + "\n")
     log.info(
         "%d classes; %s; %d skipped", len(classes), ", ".join(f"{s}: {counts[s]}" for s in sources.SPLITS), len(bad)
     )

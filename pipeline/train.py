@@ -15,6 +15,7 @@ from torch import nn
 from pipeline import features, heads
 from pipeline.config import Params, TrainConfig, load_params, to_dict
 from pipeline.errors import PipelineError, run_stage
+from pipeline.files import replaced
 from pipeline.hardware import resolve_device
 
 log = logging.getLogger(__name__)
@@ -172,7 +173,7 @@ def main() -> None:
         load_split(path, in_memory_mb=params.train.in_memory_mb, device=device) for path in paths.values()
     )
 
-    with Live(str(args.live), dvcyaml=False, save_dvc_exp=False) as live:
+    with replaced(args.live) as live_dir, Live(str(live_dir), dvcyaml=False, save_dvc_exp=False) as live:
 
         def log_step(metrics: dict[str, float]) -> None:
             for name, value in metrics.items():
