@@ -63,7 +63,7 @@ def subset(images: Path, n: int, work: Path) -> Path:
     """A folder with the first ``n`` generated images (hard links, same files)."""
     root = work / f"images-{n}"
     if not root.exists():
-        files = sorted(images.rglob("*.jpg"))[:n]
+        files = sorted(images.rglob("*.jpg"), key=lambda f: f.name)[:n]  # by index: every class takes its share
         for f in files:
             (root / f.parent.name).mkdir(parents=True, exist_ok=True)
             os.link(f, root / f.parent.name / f.name)
