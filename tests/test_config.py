@@ -78,3 +78,10 @@ def test_every_stage_rejects_bad_params_before_any_work(project: Path, stage: st
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == ["error: train.epochs = -1 is not valid: expected an integer >= 1"]
     assert not any((project / d).exists() for d in ("data/prepared", "data/features", "models", "reports"))
+
+
+def test_pipeline_debug_shows_the_traceback(project: Path, monkeypatch: pytest.MonkeyPatch):
+    write_params(project, {"train": {"epochs": -1}})
+    monkeypatch.setenv("PIPELINE_DEBUG", "1")
+    result = run_stage(project, "prepare", check=False)
+    assert result.returncode != 0 and "Traceback" in result.stderr and "ConfigError" in result.stderr

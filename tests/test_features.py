@@ -123,3 +123,11 @@ def test_block_reader_reads_whole_chunks_and_every_row_once(tmp_path: Path):
         np.testing.assert_array_equal(y, np.tile(whole.labels[start : start + rows], 2))
         start += rows
     assert start == 1000
+
+
+def test_a_truncated_feature_file_is_a_clear_error(tmp_path: Path):
+    path = tmp_path / "train.h5"
+    write(path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(PipelineError, match="not a readable HDF5 feature file"):
+        features.read_features(path)
