@@ -56,7 +56,8 @@ def main() -> None:
         sources.write_manifest(out, items, classes)
         write_skipped(out / SKIPPED, bad)
     counts = collections.Counter(it.split for it in items)
-    summary = {"images": len(items), "skipped_images": len(bad), "classes": len(classes)} | dict(counts)
+    summary = {"images": len(items), "skipped_images": len(bad), "classes": len(classes)}
+    summary |= {f"{split}_images": counts[split] for split in sources.SPLITS}  # "test" is evaluate's key
     with replaced(args.metrics) as metrics:
         metrics.write_text(json.dumps(summary, indent=1) + "\n")
     log.info(
