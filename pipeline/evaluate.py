@@ -87,7 +87,7 @@ def main() -> None:
     params = load_params()
     log.info("evaluate params: %s", to_dict(params.evaluate))
     model, spec = heads.load_head(args.head)
-    head_identity = {k: spec["provenance"][k] for k in features.IDENTITY_KEYS}
+    head_identity = features.identity(spec["provenance"])
     splits = {}
     for split in ("val", "test"):
         path = args.features / f"{split}.h5"

@@ -82,7 +82,6 @@ def extract(params: Params, prepared: Path, out_dir: Path) -> dict[str, float]:
 
     rows = {split: [it for it in items if it.split == split] for split in sources.SPLITS}
     ordered = [it for split in sources.SPLITS for it in rows[split]]  # splits end to end, manifest order within
-    starts = np.cumsum([0] + [len(rows[s]) for s in sources.SPLITS])
     labels = np.array([it.label for it in ordered], dtype=np.int64)
     ids = [it.id for it in ordered]
     key = run_key(
@@ -118,8 +117,7 @@ def extract(params: Params, prepared: Path, out_dir: Path) -> dict[str, float]:
                     if error:
                         raise PipelineError(f"cannot read image {ids[row]!r}: {error}")
                 first = int(index[0])
-                in_train = first < starts[1]
-                views = cfg.views if in_train else ("original",)
+                views = features.split_views(cfg.views, ordered[first].split)  # batches never straddle splits
                 out = _forward(forward, images, views, device=device, pad_to=cfg.batch_size if cfg.compile else 0)
                 progress.write(first, out)
                 done = first + len(index)
@@ -160,7 +158,7 @@ def _write_splits(
     offset = 0
     for split in sources.SPLITS:
         n = len(rows[split])
-        views = base["views"] if split == "train" else ["original"]
+        views = features.split_views(base["views"], split)
         with features.FeatureWriter(
             out_dir / f"{split}.h5", n=n, dim=base["feature_dim"], dtype=base["storage_dtype"], views=views,
             provenance=base | {"split": split}, compression=compression,

@@ -48,6 +48,16 @@ PROVENANCE_KEYS = IDENTITY_KEYS + (
 )
 
 
+def split_views(views: Sequence[str], split: str) -> list[str]:
+    """The views cached for a split: all of them for train (augmentation), the original image elsewhere."""
+    return list(views) if split == "train" else ["original"]
+
+
+def identity(provenance: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of a provenance that determines the features (what must match between files and heads)."""
+    return {key: provenance[key] for key in IDENTITY_KEYS}
+
+
 def dataset_name(view: str) -> str:
     return "features" if view == "original" else f"features_{view}"
 
@@ -172,14 +182,14 @@ class FeatureSet:
 
 def read_provenance(path: Path) -> dict[str, Any]:
     with _open(path) as f:
-        return {key: _from_attr(value) for key, value in f.attrs.items()}
+        return _provenance(f)
 
 
 def read_features(path: Path) -> FeatureSet:
     """Load a whole split, every cached view, as float32."""
     with _open(path) as f:
-        provenance = {key: _from_attr(value) for key, value in f.attrs.items()}
-        views = provenance["views"] if provenance["split"] == "train" else ["original"]
+        provenance = _provenance(f)
+        views = split_views(provenance["views"], provenance["split"])
         features = {view: f[dataset_name(view)][:].astype(np.float32) for view in views}
         labels = f["labels"][:]
         ids = [s.decode("utf-8") for s in f["ids"][:]]
@@ -195,11 +205,11 @@ class BlockReader:
 
     def __init__(self, path: Path, *, block_mb: int = 64) -> None:
         self.path = Path(path)
-        self.provenance = read_provenance(path)
-        self.views = self.provenance["views"] if self.provenance["split"] == "train" else ["original"]
         with _open(path) as f:
+            self.provenance = _provenance(f)
             self.n, self.dim = f["features"].shape
             chunk = f["features"].chunks[0] if f["features"].chunks else max(self.n, 1)
+        self.views = split_views(self.provenance["views"], self.provenance["split"])
         rows = block_mb * 2**20 // (self.dim * 4 * len(self.views))
         self.block_rows = max(1, rows // chunk) * chunk
         self.num_blocks = -(-self.n // self.block_rows)
@@ -243,6 +253,10 @@ def _open(path: Path) -> h5py.File:
         f.close()
         raise PipelineError(f"{path} is not a feature file of this pipeline (schema {SCHEMA}); re-run extract")
     return f
+
+
+def _provenance(f: h5py.File) -> dict[str, Any]:
+    return {key: _from_attr(value) for key, value in f.attrs.items()}
 
 
 def _to_attr(value: Any) -> Any:

@@ -166,8 +166,7 @@ def main() -> None:
     paths = {split: args.features / f"{split}.h5" for split in ("train", "val")}
     provenance = {split: features.read_provenance(path) for split, path in paths.items()}
     features.check_provenance(provenance["train"], expected_provenance(params), source=paths["train"])
-    same_as_train = {k: provenance["train"][k] for k in features.IDENTITY_KEYS}
-    features.check_provenance(provenance["val"], same_as_train, source=paths["val"])
+    features.check_provenance(provenance["val"], features.identity(provenance["train"]), source=paths["val"])
     device = resolve_device(params.train.device)
     train_split, val_split = (
         load_split(path, in_memory_mb=params.train.in_memory_mb, device=device) for path in paths.values()
