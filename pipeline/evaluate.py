@@ -15,8 +15,8 @@ from PIL import Image, ImageDraw
 from sklearn import metrics as skm
 
 from pipeline import features, heads, sources
-from pipeline.config import load_params, to_dict
-from pipeline.errors import run_stage
+from pipeline.config import DataConfig, load_params, to_dict
+from pipeline.errors import PipelineError, run_stage
 from pipeline.files import replaced
 
 log = logging.getLogger(__name__)
@@ -58,16 +58,39 @@ def worst_classified(probs: np.ndarray, labels: np.ndarray, *, count: int) -> li
     return np.argsort(probs[np.arange(len(labels)), labels], kind="stable")[:count].tolist()
 
 
+def test_images(cfg: DataConfig, ids: Sequence[str]) -> list[Image.Image | None]:
+    """The images of ``ids``, or None for those not at hand: a clone that pulled the features and not the
+    images still evaluates (the features already change whenever an image does)."""
+    try:
+        reader = sources.ImageReader(cfg)
+    except PipelineError as err:
+        log.warning("the contact sheet shows ids only: %s", err)
+        return [None] * len(ids)
+    images: list[Image.Image | None] = []
+    for item_id in ids:
+        try:
+            images.append(reader(item_id))
+        except (PipelineError, *sources.IMAGE_ERRORS) as err:
+            log.warning("the contact sheet shows %r without its image: %s", item_id, err)
+            images.append(None)
+    return images
+
+
 def contact_sheet(
-    images: Sequence[Image.Image], captions: Sequence[str], *, thumb: int = 128, columns: int = 4
+    images: Sequence[Image.Image | None], captions: Sequence[str], *, thumb: int = 128, columns: int = 4
 ) -> Image.Image:
-    """A grid of thumbnails, each with its caption underneath."""
+    """A grid of thumbnails, each with its caption underneath; a missing image is a grey tile with its caption."""
     rows = max(1, -(-len(images) // columns))
     caption_h = 14
     sheet = Image.new("RGB", (columns * thumb, rows * (thumb + caption_h)), "white")
     draw = ImageDraw.Draw(sheet)
     for i, (image, caption) in enumerate(zip(images, captions, strict=True)):
         x, y = (i % columns) * thumb, (i // columns) * (thumb + caption_h)
+        if image is None:
+            draw.rectangle((x + 1, y + 1, x + thumb - 2, y + thumb - 2), fill="lightgrey")
+            draw.text((x + 6, y + thumb // 2 - 6), "image not here", fill="black")
+            draw.text((x + 2, y + thumb + 1), caption, fill="black")
+            continue
         k = thumb / max(image.size)  # tiny images (8x8 digits) are scaled up with their pixels kept sharp
         size = (max(1, round(image.width * k)), max(1, round(image.height * k)))
         small = image.resize(size, Image.NEAREST if k > 1 else Image.BILINEAR)
@@ -108,12 +131,11 @@ def main() -> None:
 
     test_ids = splits["test"].ids
     worst = worst_classified(test_probs, test_labels, count=WORST_COUNT)
-    reader = sources.ImageReader(params.data)
     captions = [
         f"{class_names[test_labels[i]]} -> {class_names[test_probs[i].argmax()]} ({test_probs[i].max():.2f})"
         for i in worst
     ]
-    sheet = contact_sheet([reader(test_ids[i]) for i in worst], captions)
+    sheet = contact_sheet(test_images(params.data, [test_ids[i] for i in worst]), captions)
 
     with replaced(args.live) as live_dir, Live(str(live_dir), dvcyaml=False, save_dvc_exp=False) as live:
         live.summary = results
