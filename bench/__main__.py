@@ -90,7 +90,8 @@ def pipeline_extract(root: Path, work: Path, tag: str, extract: dict[str, Any]) 
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "params.yaml").write_text(yaml.safe_dump(params_for(root, extract)))
     measured([sys.executable, "-m", "pipeline.prepare", "--out", "prepared", "--metrics", "prepare.json"], run_dir)
-    cmd = [sys.executable, "-m", "pipeline.extract", "--prepared", "prepared", "--out", "features", "--stats", "s.json"]
+    cmd = [sys.executable, "-m", "pipeline.extract", "--prepared", "prepared", "--out", "features"]
+    cmd += ["--metrics", "s.json"]
     wall, peak = measured(cmd, run_dir)
     return with_rate(json.loads((run_dir / "s.json").read_text())) | {"wall_s": wall, "peak_rss_mib": peak}
 

@@ -69,6 +69,7 @@ class ExtractConfig:
     precision: Precision = "auto"  # auto: bf16 on CPUs with native bf16 and on CUDA (fp16 where bf16 is missing)
     compile: bool = False  # torch.compile the network for a fixed batch shape
     compression: Compression = "none"  # HDF5 filter of the feature datasets
+    nproc: int = _range(1, 1, 1024)  # torchrun processes on this machine (dvc.yaml); features do not depend on it
 
 
 @dataclass(frozen=True)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import signal
 import sys
+import time
 from collections.abc import Callable
 
 
@@ -12,19 +15,50 @@ class PipelineError(Exception):
     """A problem the user can fix: bad parameters, missing files, mismatched inputs."""
 
 
+class Stopped(BaseException):
+    """This process stops because another one failed (torchrun's SIGTERM, or a peer gone): unwinds like Ctrl-C."""
+
+
+def _terminating(pid: int) -> Callable[[int, object], None]:
+    def handler(signum: int, frame: object) -> None:
+        if os.getpid() != pid:  # a forked DataLoader worker: just go
+            os._exit(128 + signum)
+        raise Stopped("terminated")
+
+    return handler
+
+
+def _tell_torchrun(message: str) -> None:
+    """Hand the error to torchrun, whose summary then shows it for this rank instead of a link to its docs."""
+    if path := os.environ.get("TORCHELASTIC_ERROR_FILE"):
+        with open(path, "w") as f:
+            json.dump({"message": message, "timestamp": int(time.time())}, f)
+
+
 def run_stage(main: Callable[[], None]) -> None:
     """Run a stage's ``main()``: configure logging once and report user errors without a traceback.
 
+    Under ``torchrun`` with several processes, every line names the process (``rank 1 of 2``).
     Set ``PIPELINE_DEBUG=1`` to see the full traceback of a user error.
     """
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    size = int(os.environ.get("WORLD_SIZE", 1))
+    who = f"rank {os.environ.get('RANK', 0)} of {size}: " if size > 1 else ""
+    logging.basicConfig(level=logging.INFO, format=f"%(levelname)s {who}%(name)s: %(message)s")
+    signal.signal(signal.SIGTERM, _terminating(os.getpid()))  # so that `finally` blocks keep the work done so far
     try:
         main()
     except PipelineError as err:
+        _tell_torchrun(f"error: {err}")
         if os.environ.get("PIPELINE_DEBUG"):
             raise
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {who}{err}", file=sys.stderr)
         sys.exit(2)
+    except Exception as err:  # a bug: the traceback follows
+        _tell_torchrun(f"{type(err).__name__}: {err}")
+        raise
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print(f"{who}interrupted", file=sys.stderr)
         sys.exit(130)
+    except Stopped as stop:
+        print(f"{who}{stop}", file=sys.stderr)
+        sys.exit(143)

@@ -1,12 +1,17 @@
-"""Stage `extract`: run the frozen VGG once over every split and cache its features in HDF5."""
+"""Stage `extract`: run the frozen VGG once over every split and cache its features in HDF5.
+
+Run it under ``torchrun`` (as dvc.yaml does) to split the work over several processes, GPUs or machines;
+a plain ``python -m pipeline.extract`` is one process.
+"""
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +21,13 @@ import torchvision
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from pipeline import backbone, features, sources
+from pipeline import backbone, distributed, features, sources
 from pipeline.config import ExtractConfig, Params, load_params, to_dict
+from pipeline.distributed import World
 from pipeline.errors import PipelineError, run_stage
 from pipeline.files import replaced
-from pipeline.hardware import resolve_device, resolve_precision
-from pipeline.progress import Progress, run_key
+from pipeline.hardware import resolve_precision
+from pipeline.progress import Progress, Shards, discard_stale, run_key, shard_dir
 
 log = logging.getLogger(__name__)
 
@@ -63,26 +69,38 @@ def provenance(cfg: ExtractConfig, seed: int, precision: str, prep: backbone.Pre
     }
 
 
-def extract(params: Params, prepared: Path, out_dir: Path) -> dict[str, float]:
-    """Write ``{split}.h5`` for every split; returns the images and seconds of the extraction loop."""
-    cfg = params.extract
+def shard_bounds(batches: Sequence[Sequence[int]], size: int) -> list[tuple[int, int]]:
+    """Each process's rows [start, stop): as equal as whole batches allow, cut only between batches, so that a
+    batch, and so its features bit for bit, is the same whatever the number of processes."""
+    starts = [b[0] for b in batches] + [batches[-1][-1] + 1 if batches else 0]
+    n = starts[-1]
+    cuts = [min(starts, key=lambda s: (abs(s - r * n / size), s)) for r in range(1, size)]  # nearest boundary
+    edges = [0, *cuts, n]
+    return list(zip(edges[:-1], edges[1:], strict=True))
+
+
+def extract(params: Params, prepared: Path, out_dir: Path, world: World | None = None) -> dict[str, float] | None:
+    """Write ``{split}.h5`` for every split; returns the run's images and seconds (on rank 0; None elsewhere).
+
+    Each process extracts its own contiguous shard of the rows into its own work files; once every shard is
+    complete, rank 0 copies them, in manifest order, into the final files.
+    """
+    cfg, world = params.extract, world or World()
     items, classes = sources.read_manifest(prepared)
-    device = resolve_device(cfg.device)
+    device = distributed.device(cfg.device, world)
+    if device.type == "cpu" and world.local_size > 1:
+        torch.set_num_threads(distributed.cpu_threads(world))
     precision = resolve_precision(cfg.precision, device)
     model, prep, weights_info = backbone.build_extractor(cfg, params.seed, precision)
     model = model.to(device, memory_format=torch.channels_last)
     if device.type == "cuda":
+        torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True  # one input shape throughout: let cuDNN pick its fastest kernels
     forward = torch.compile(model, dynamic=False) if cfg.compile else model
     base = provenance(cfg, params.seed, precision, prep) | weights_info | {"class_names": list(classes)}
-    log.info(
-        "extracting %s %s (%s weights, %s) on %s, %d-d features",
-        cfg.arch, cfg.layer, cfg.weights, precision, device, base["feature_dim"],
-    )  # fmt: skip
 
     rows = {split: [it for it in items if it.split == split] for split in sources.SPLITS}
     ordered = [it for split in sources.SPLITS for it in rows[split]]  # splits end to end, manifest order within
-    labels = np.array([it.label for it in ordered], dtype=np.int64)
     ids = [it.id for it in ordered]
     key = run_key(
         {
@@ -93,57 +111,105 @@ def extract(params: Params, prepared: Path, out_dir: Path) -> dict[str, float]:
             "images": sources.fingerprint(params.data, ids),
         }
     )
-    progress = Progress(
-        out_dir.parent / PROGRESS_DIR,
-        key,
-        n=len(ids),
-        dim=base["feature_dim"],
-        dtype=cfg.storage_dtype,
-        views=cfg.views,
-    )
     batches = split_batches([len(rows[s]) for s in sources.SPLITS], cfg.batch_size)
+    bounds = shard_bounds(batches, world.size)
+    root = out_dir.parent / PROGRESS_DIR
+    dirs = [shard_dir(root, key, rank, world.size) for rank in range(world.size)]
+    if world.main:
+        discard_stale(root, dirs)
+    distributed.check_shared(root / key, world)
+    layout = {"dim": base["feature_dim"], "dtype": cfg.storage_dtype, "views": cfg.views}
+    start, stop = bounds[world.rank]
+    progress = Progress(dirs[world.rank], start=start, stop=stop, **layout)
+    log.info(
+        "extracting %s %s (%s weights, %s) on %s (%d threads), %d-d features, images %d to %d of %d",
+        cfg.arch, cfg.layer, cfg.weights, precision, device, torch.get_num_threads(), base["feature_dim"],
+        start, stop, len(ids),
+    )  # fmt: skip
     loader = DataLoader(
         backbone.Images(ids, sources.ImageReader(params.data), prep),
-        batch_sampler=[b for b in batches if b[0] >= progress.rows_done],  # commits happen on batch boundaries
+        batch_sampler=[b for b in batches if progress.done <= b[0] < stop],  # commits happen on batch boundaries
         num_workers=cfg.num_workers,
         pin_memory=device.type == "cuda",
     )
-    resumed = done = progress.rows_done
-    start_time, warm = time.perf_counter(), None  # warm: time and rows when the first batch is done
+    step = functools.partial(_forward, forward, device=device, pad_to=cfg.batch_size if cfg.compile else 0)
+    mine = _extract_shard(step, loader, progress, ordered, views=cfg.views, bar=world.main)
+    if not world.main:
+        progress.close()  # rank 0 reads it from here
+        log.info("extracted %d images in %.1f s; waiting for the other processes", mine["images"], mine["seconds"])
+    shares = distributed.gather(mine, world)  # waits for every process: a failed one stops the run here
+    if not world.main:
+        return None
+    merge_start = time.time()
+    others = [Progress.finished(d, start=a, stop=b, **layout) for d, (a, b) in zip(dirs[1:], bounds[1:], strict=True)]
+    shards = Shards([progress, *others])
+    labels = np.array([it.label for it in ordered], dtype=np.int64)
+    with replaced(out_dir) as tmp:
+        _write_splits(shards, tmp, rows, base, labels, ids, compression=cfg.compression)
+    shards.remove()
+    end = time.time()  # the outputs' write counts, as the classic loop's np.save does
+    stats = _totals(shares, merge_start, end) | {"processes": world.size}
+    log.info(
+        "extracted %d images in %.1f s (%.1f img/s) with %d process(es); the final files took %.1f s",
+        stats["images"], stats["seconds"], stats["images_per_second"], world.size, stats["merge_seconds"],
+    )  # fmt: skip
+    return stats
+
+
+def _extract_shard(
+    step: Callable[[torch.Tensor, Sequence[str]], dict[str, np.ndarray]],
+    loader: DataLoader,
+    progress: Progress,
+    ordered: Sequence[sources.Item],
+    *,
+    views: Sequence[str],
+    bar: bool,
+) -> dict[str, Any]:
+    """Run the network over this process's batches into its work files; returns its images and times."""
+    resumed = done = progress.done
+    start_time, warm = time.time(), None  # warm: time and rows when the first batch is done
     try:
-        with torch.inference_mode(), tqdm(total=len(ids), initial=done, desc="extract", unit="img") as bar:
+        with torch.inference_mode(), tqdm(
+            total=progress.stop - progress.start, initial=done - progress.start, desc="extract", unit="img",
+            disable=not bar,
+        ) as pbar:  # fmt: skip
             for n_batch, (images, index, errors) in enumerate(loader, start=1):
                 for row, error in zip(index.tolist(), errors, strict=True):
                     if error:
-                        raise PipelineError(f"cannot read image {ids[row]!r}: {error}")
+                        raise PipelineError(f"cannot read image {ordered[row].id!r}: {error}")
                 first = int(index[0])
-                views = features.split_views(cfg.views, ordered[first].split)  # batches never straddle splits
-                out = _forward(forward, images, views, device=device, pad_to=cfg.batch_size if cfg.compile else 0)
-                progress.write(first, out)
-                done = first + len(index)
+                progress.write(first, step(images, features.split_views(views, ordered[first].split)))
+                done = first + len(index)  # batches never straddle splits: the first row's split is the batch's
                 if n_batch % COMMIT_EVERY == 0:
                     progress.commit(done)
-                bar.update(len(index))
-                warm = warm or (time.perf_counter(), len(index))
-    finally:  # on Ctrl-C or an error too: every finished batch is kept for the next run
-        if done > progress.rows_done:
+                pbar.update(len(index))
+                warm = warm or (time.time(), len(index))
+    finally:  # on Ctrl-C, SIGTERM or an error too: every finished batch is kept for the next run
+        if done > progress.done:
             progress.commit(done)
-        if done < len(ids):
-            log.info("kept %d of %d images in %s: run again to continue", done, len(ids), progress.dir)
-    with replaced(out_dir) as tmp:
-        _write_splits(progress, tmp, rows, base, labels, ids, compression=cfg.compression)
-    end = time.perf_counter()  # the outputs' write counts, as the classic loop's np.save does
-    progress.remove()
-    extracted = len(ids) - resumed
-    stats = {"images": extracted, "seconds": end - start_time}
-    if warm and extracted > warm[1]:  # after start-up: worker launch, first decode, kernel selection
-        stats |= {"warm_images": extracted - warm[1], "warm_seconds": end - warm[0]}
-    log.info("extracted %d images in %.1f s (%.1f img/s)", extracted, stats["seconds"], extracted / stats["seconds"])
+        if done < progress.stop:
+            log.info(
+                "kept %d of %d images in %s: run again to continue",
+                done - progress.start, progress.stop - progress.start, progress.dir,
+            )  # fmt: skip
+    return {"images": done - resumed, "start": start_time, "seconds": time.time() - start_time, "warm": warm}
+
+
+def _totals(shares: Sequence[dict[str, Any]], merge_start: float, end: float) -> dict[str, float]:
+    """The run's figures from every process's: images summed, seconds from the earliest start to the end."""
+    images = sum(s["images"] for s in shares)
+    seconds = end - min(s["start"] for s in shares)
+    stats = {"images": images, "seconds": seconds, "images_per_second": images / seconds}
+    stats["merge_seconds"] = end - merge_start
+    warm = [s for s in shares if s["warm"] and s["images"] > s["warm"][1]]
+    if warm:  # after start-up (worker launch, first decode, kernel selection) of each process
+        warm_images = sum(s["images"] - s["warm"][1] for s in warm)
+        stats |= {"warm_images": warm_images, "warm_seconds": end - min(s["warm"][0] for s in warm)}
     return stats
 
 
 def _write_splits(
-    progress: Progress,
+    shards: Shards,
     out_dir: Path,
     rows: dict[str, list[sources.Item]],
     base: dict[str, Any],
@@ -165,7 +231,7 @@ def _write_splits(
         ) as writer:  # fmt: skip
             for a in range(0, n, WRITE_ROWS):
                 b = min(n, a + WRITE_ROWS)
-                blocks = {v: progress.read(v, offset + a, offset + b) for v in views}
+                blocks = {v: shards.read(v, offset + a, offset + b) for v in views}
                 writer.write(a, blocks, labels[offset + a : offset + b], ids[offset + a : offset + b])
         offset += n
 
@@ -190,13 +256,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--prepared", type=Path, required=True, help="directory with manifest.csv and classes.json")
     parser.add_argument("--out", type=Path, required=True, help="directory for train.h5, val.h5, test.h5")
-    parser.add_argument("--stats", type=Path, help="also write the loop's images and seconds here, as JSON")
+    parser.add_argument("--metrics", type=Path, help="write the run's images, seconds and processes here, as JSON")
     args = parser.parse_args()
     params = load_params()
-    log.info("extract params: %s", to_dict(params.extract))
-    stats = extract(params, args.prepared, args.out)
-    if args.stats:
-        args.stats.write_text(json.dumps(stats) + "\n")
+    world = World.from_env()
+    distributed.die_with_launcher()
+    if world.main:
+        log.info("extract params: %s", to_dict(params.extract))
+    with distributed.joined(world):
+        stats = extract(params, args.prepared, args.out, world)
+    if stats is not None and args.metrics:
+        with replaced(args.metrics) as tmp:
+            tmp.write_text(json.dumps(stats, indent=2) + "\n")
 
 
 if __name__ == "__main__":

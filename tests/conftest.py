@@ -186,7 +186,7 @@ def write_blob_features(out_dir: Path, *, n: int = 90, dim: int = 16, seed: int 
 # The paths dvc.yaml passes to each stage.
 STAGE_ARGS = {
     "prepare": ["--out", "data/prepared", "--metrics", "reports/prepare/metrics.json"],
-    "extract": ["--prepared", "data/prepared", "--out", "data/features"],
+    "extract": ["--prepared", "data/prepared", "--out", "data/features", "--metrics", "reports/extract/metrics.json"],
     "train": ["--features", "data/features", "--out", "models/head.pt", "--live", "reports/train"],
     "evaluate": ["--features", "data/features", "--head", "models/head.pt", "--live", "reports/evaluate"],
 }

@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.progress import Progress
+from pipeline.errors import PipelineError
+from pipeline.progress import Progress, Shards, discard_stale, shard_dir
 from tests.conftest import STAGE_ARGS, project_env, run, run_stage, write_params
 
 WORK = Path("data/.extract-progress")
@@ -24,18 +25,50 @@ WORK = Path("data/.extract-progress")
 
 def test_progress_survives_reopening_and_only_committed_rows_count(tmp_path: Path):
     block = np.arange(12, dtype=np.float16).reshape(3, 4)
-    p = Progress(tmp_path, "k1", n=6, dim=4, dtype="float16", views=["original"])
-    p.write(0, {"original": block})
-    p.commit(3)
-    p.write(3, {"original": block + 100})  # written, never committed
+    layout = {"start": 10, "stop": 16, "dim": 4, "dtype": "float16", "views": ["original"]}
+    p = Progress(tmp_path / "k1" / "0-of-1", **layout)  # rows 10..15 of the run
+    p.write(10, {"original": block})
+    p.commit(13)
+    p.write(13, {"original": block + 100})  # written, never committed
     p.close()
-    again = Progress(tmp_path, "k1", n=6, dim=4, dtype="float16", views=["original"])
-    assert again.rows_done == 3
-    np.testing.assert_array_equal(again.read("original", 0, 3), block)
-    other = Progress(tmp_path, "k2", n=6, dim=4, dtype="float16", views=["original"])  # other inputs
-    assert other.rows_done == 0 and not (tmp_path / "k1").exists()
-    other.remove()
+    again = Progress(tmp_path / "k1" / "0-of-1", **layout)
+    assert again.done == 13
+    np.testing.assert_array_equal(again.read("original", 10, 13), block)
+    again.close()
+    assert Progress(tmp_path / "k1" / "0-of-1", **(layout | {"stop": 17})).done == 10  # another layout: anew
+
+
+def test_stale_work_is_discarded_and_shards_read_as_one(tmp_path: Path):
+    layout = {"dim": 2, "dtype": "float32", "views": ["original"]}
+    old = Progress(shard_dir(tmp_path, "old", 0, 1), start=0, stop=4, **layout)
+    old.close()
+    keep = [shard_dir(tmp_path, "k", rank, 2) for rank in range(2)]
+    (tmp_path / "k" / "0-of-3").mkdir(parents=True)  # the same inputs, another number of processes
+    discard_stale(tmp_path, keep)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["k"] and not (tmp_path / "k" / "0-of-3").exists()
+
+    rows = np.arange(10, dtype=np.float32).reshape(5, 2)
+    bounds = [(0, 2), (2, 5)]
+    for d, (a, b) in zip(keep, bounds, strict=True):
+        p = Progress(d, start=a, stop=b, **layout)
+        p.write(a, {"original": rows[a:b]})
+        p.commit(b)
+        p.close()
+    shards = Shards([Progress.finished(d, start=a, stop=b, **layout) for d, (a, b) in zip(keep, bounds, strict=True)])
+    np.testing.assert_array_equal(shards.read("original", 1, 4), rows[1:4])  # across the boundary
+    shards.remove()
     assert not tmp_path.exists()
+
+
+def test_an_incomplete_or_invisible_shard_is_refused(tmp_path: Path):
+    layout = {"start": 0, "stop": 4, "dim": 2, "dtype": "float32", "views": ["original"]}
+    p = Progress(tmp_path / "0-of-1", **layout)
+    p.write(0, {"original": np.zeros((2, 2), np.float32)})
+    p.commit(2)
+    with pytest.raises(PipelineError, match="filesystem they all share"):
+        Progress.finished(tmp_path / "0-of-1", **layout)
+    with pytest.raises(PipelineError, match="not in"):
+        Progress.finished(tmp_path / "missing", **layout)
 
 
 def digests(project: Path) -> dict[str, str]:
@@ -43,7 +76,7 @@ def digests(project: Path) -> dict[str, str]:
 
 
 def rows_done(project: Path) -> int:
-    states = list((project / WORK).glob("*/progress.json"))
+    states = list((project / WORK).glob("*/*/progress.json"))
     try:
         return json.loads(states[0].read_text())["rows_done"] if states else 0
     except (OSError, ValueError):  # caught mid-replace

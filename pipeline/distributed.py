@@ -1,0 +1,163 @@
+"""The processes of a run started by ``torchrun``: who this one is, its device and threads, and its share.
+
+``torchrun`` sets RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE; a plain ``python -m`` run is a world
+of one. Processes exchange only small control messages (their outcome, a check that they share the work
+directory), never features, so the gloo backend serves CPU and GPU runs alike.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import datetime
+import os
+import secrets
+import signal
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from pipeline.errors import PipelineError, Stopped
+from pipeline.hardware import resolve_device
+
+T = TypeVar("T")
+
+# A process that finishes its share early waits for the slowest one; a failed one is stopped by torchrun,
+# which stops the others too, so this only bounds a wait that nothing else would end.
+WAIT = datetime.timedelta(days=7)
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    local_size: int = 1
+
+    @classmethod
+    def from_env(cls) -> World:
+        env = os.environ
+        return cls(
+            rank=int(env.get("RANK", 0)),
+            size=int(env.get("WORLD_SIZE", 1)),
+            local_rank=int(env.get("LOCAL_RANK", 0)),
+            local_size=int(env.get("LOCAL_WORLD_SIZE", 1)),
+        )
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def __str__(self) -> str:
+        return f"rank {self.rank} of {self.size}"
+
+
+def die_with_launcher() -> None:
+    """Under torchrun, get SIGTERM when the launcher dies (it starts each process in a session of its own, so a
+    killed ``dvc repro`` would otherwise leave this process running on)."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() == 1:  # the launcher died before the call
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def joined(world: World) -> Iterator[World]:
+    """Join the process group for the block (nothing to join in a world of one)."""
+    if world.size == 1:
+        yield world
+        return
+    dist.init_process_group("gloo", rank=world.rank, world_size=world.size, timeout=WAIT)
+    try:
+        yield world
+    finally:
+        dist.destroy_process_group()
+
+
+def share(n: int, world: World) -> range:
+    """This process's contiguous share of ``n`` units, sizes differing by at most one, in rank order."""
+    return range(world.rank * n // world.size, (world.rank + 1) * n // world.size)
+
+
+def device(spec: str, world: World) -> torch.device:
+    """The device named by ``spec`` for this process: with several processes per machine, GPU ``LOCAL_RANK``."""
+    if world.local_size == 1:
+        return resolve_device(spec)
+    if spec not in ("auto", "cuda", "cpu"):
+        raise PipelineError(
+            f"extract.device {spec!r} names one GPU, but {world.local_size} processes run on this machine: "
+            "use auto or cuda (each process takes the GPU of its LOCAL_RANK)"
+        )
+    if spec == "cpu" or (spec == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    count = torch.cuda.device_count()
+    if world.local_size > count:
+        raise PipelineError(
+            f"{world.local_size} processes per machine were started, but this machine has {count} CUDA device(s): "
+            f"set extract.nproc to at most {count}"
+        )
+    return torch.device("cuda", world.local_rank)
+
+
+def cpu_threads(world: World) -> int:
+    """Threads for one process so that all of this machine's processes together use each core once."""
+    return max(1, len(os.sched_getaffinity(0)) // world.local_size)
+
+
+def gather(obj: T, world: World) -> list[T]:
+    """Every process's ``obj``, in rank order (a picklable value; small: it travels through gloo)."""
+    if world.size == 1:
+        return [obj]
+    out: list[Any] = [None] * world.size
+    with _peers():
+        dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast(obj: T, world: World) -> T:
+    """Rank 0's ``obj``, on every process."""
+    if world.size == 1:
+        return obj
+    box: list[Any] = [obj]
+    with _peers():
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+@contextlib.contextmanager
+def _peers() -> Iterator[None]:
+    """A collective that fails because a peer died reports that, not gloo's socket error: the peer's own
+    error is the one to read."""
+    try:
+        yield
+    except RuntimeError as err:  # DistBackendError and DistNetworkError are RuntimeErrors
+        raise Stopped("stopped: another process failed (its error names its rank)") from err
+
+
+def check_shared(directory: Path, world: World) -> None:
+    """Refuse to start when a process cannot see a file that rank 0 writes in ``directory``: the shards of
+    every process must reach rank 0, which writes the final files."""
+    if world.size == 1:
+        return
+    token = directory / "world.json"
+    nonce = secrets.token_hex(8)
+    if world.main:
+        directory.mkdir(parents=True, exist_ok=True)
+        token.write_text(nonce)
+    nonce = broadcast(nonce, world)
+    seen = gather(token.is_file() and token.read_text() == nonce, world)
+    if world.main:
+        token.unlink()
+    blind = [rank for rank, ok in enumerate(seen) if not ok]
+    if blind:
+        raise PipelineError(
+            f"rank(s) {blind} cannot see {directory}, which rank 0 writes: processes on several machines "
+            "need the project directory on a filesystem they all share"
+        )

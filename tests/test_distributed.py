@@ -1,0 +1,131 @@
+"""Extraction over several processes: the share of each, and real `torchrun` runs with the gloo backend on CPU."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline import distributed
+from pipeline.distributed import World
+from pipeline.errors import PipelineError
+from pipeline.extract import shard_bounds, split_batches
+from tests.conftest import STAGE_ARGS, make_imagefolder, project_env, run, run_stage, write_params
+
+FEATURES = Path("data/features")
+WORK = Path("data/.extract-progress")
+
+
+def torchrun(nproc: int) -> list[str]:
+    """The extract stage's command in dvc.yaml, for ``nproc`` processes."""
+    return ["torchrun", "--standalone", f"--nproc_per_node={nproc}", "-m", "pipeline.extract", *STAGE_ARGS["extract"]]
+
+
+def digests(project: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (project / FEATURES).glob("*.h5")}
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 7, 40])
+def test_shards_cover_every_row_once_and_cut_only_between_batches(size: int):
+    batches = split_batches([54, 18, 20], batch_size=16)
+    bounds = shard_bounds(batches, size)
+    assert len(bounds) == size and bounds[0][0] == 0 and bounds[-1][1] == 92
+    assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:], strict=False))  # contiguous, in rank order
+    starts = {b[0] for b in batches} | {92}
+    assert all(a in starts and b in starts for a, b in bounds)
+    assert all(abs((b - a) - 92 / size) <= 16 for a, b in bounds)  # as even as whole batches allow
+
+
+def test_each_process_takes_its_gpu_or_its_share_of_the_cores():
+    two = World(rank=1, size=2, local_rank=1, local_size=2)
+    assert distributed.device("cpu", two) == torch.device("cpu")
+    assert distributed.cpu_threads(two) == max(1, len(os.sched_getaffinity(0)) // 2)
+    with pytest.raises(PipelineError, match="names one GPU"):
+        distributed.device("cuda:0", two)
+    if not torch.cuda.is_available():
+        assert distributed.device("auto", two) == torch.device("cpu")
+    elif torch.cuda.device_count() >= 2:
+        assert distributed.device("auto", two) == torch.device("cuda", 1)
+    assert list(distributed.share(10, two)) == [5, 6, 7, 8, 9]
+
+
+@pytest.fixture
+def digits(project: Path) -> Path:
+    """Digits through vgg11 at 64 px in batches of 16, with flipped training images: a few seconds a run."""
+    write_params(project, {"extract": {"image_size": 64, "batch_size": 16, "views": ["original", "hflip"]}})
+    run_stage(project, "prepare")
+    return project
+
+
+def test_two_processes_give_byte_identical_features_and_a_failed_one_leaves_no_file(digits: Path):
+    run(digits, *torchrun(1))
+    single = digests(digits)
+    metrics = json.loads((digits / "reports/extract/metrics.json").read_text())
+    assert metrics["processes"] == 1 and metrics["images"] == 1797
+    for path in [FEATURES, Path("reports/extract")]:
+        subprocess.run(["rm", "-rf", str(digits / path)], check=True)
+
+    # rank 1 is killed once it has saved some rows: the run fails, names it, and leaves no final file
+    proc = subprocess.Popen(torchrun(2), cwd=digits, env=project_env(digits), stderr=subprocess.PIPE, text=True)
+    rank1 = wait_for_rank_progress(digits, proc, rank=1)
+    os.kill(rank1, signal.SIGKILL)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    root_cause = stderr[stderr.index("Root Cause") :]
+    assert re.search(r"rank\s+: 1 \(local_rank: 1\)", root_cause) and "SIGKILL" in root_cause
+    assert "rank 0 of 2: terminated" in stderr  # torchrun stopped it; it kept its rows
+    assert not (digits / FEATURES).exists() and not (digits / "reports/extract/metrics.json").exists()
+
+    # the next run continues both shards and gives the bytes of the one-process run
+    result = run(digits, *torchrun(2))
+    assert len(re.findall(r"rank [01] of 2: pipeline.progress: resuming", result.stderr)) == 2, result.stderr
+    assert digests(digits) == single
+    assert json.loads((digits / "reports/extract/metrics.json").read_text())["processes"] == 2
+    assert not (digits / WORK).exists()
+
+
+def wait_for_rank_progress(project: Path, proc: subprocess.Popen, *, rank: int) -> int:
+    """The pid of ``rank`` once it has committed rows, found among torchrun's children by its RANK."""
+    deadline = time.monotonic() + 120
+    while True:
+        assert proc.poll() is None, "extract finished before a process could be killed"
+        assert time.monotonic() < deadline
+        states = list((project / WORK).glob(f"*/{rank}-of-2/progress.json"))
+        try:
+            if states and json.loads(states[0].read_text())["rows_done"] > 0:
+                break
+        except (OSError, ValueError):  # caught mid-replace
+            pass
+        time.sleep(0.01)
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError):
+            continue
+        if ppid == proc.pid and f"RANK={rank}".encode() in environ:
+            return int(pid)
+    raise AssertionError(f"no process of rank {rank} under torchrun (pid {proc.pid})")
+
+
+def test_an_unreadable_image_fails_the_run_with_its_rank_and_error(project: Path):
+    make_imagefolder(project / "data" / "raw", classes=("cat", "dog"), per_class=20)
+    write_params(project, {"data": {"source": "imagefolder"}, "extract": {"batch_size": 4}})
+    run_stage(project, "prepare")
+    rows = [line.split(",") for line in (project / "data/prepared/manifest.csv").read_text().splitlines()[1:]]
+    last = [item for item, split, _ in rows if split == "test"][-1]  # the last row extracted: rank 1's share
+    (project / "data/raw" / last).write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    result = run(project, *torchrun(2), check=False)
+    assert result.returncode != 0
+    assert f"error: rank 1 of 2: cannot read image '{last}'" in result.stderr
+    root_cause = result.stderr[result.stderr.index("Root Cause") :]
+    assert re.search(r"rank\s+: 1 \(local_rank: 1\)", root_cause) and f"cannot read image '{last}'" in root_cause
+    assert not (project / FEATURES).exists()
