@@ -61,18 +61,21 @@ def worst_classified(probs: np.ndarray, labels: np.ndarray, *, count: int) -> li
 def test_images(cfg: DataConfig, ids: Sequence[str]) -> list[Image.Image | None]:
     """The images of ``ids``, or None for those not at hand: a clone that pulled the features and not the
     images still evaluates (the features already change whenever an image does)."""
+    images: list[Image.Image | None] = []
+    problem = None
     try:
         reader = sources.ImageReader(cfg)
     except PipelineError as err:
-        log.warning("the contact sheet shows ids only: %s", err)
-        return [None] * len(ids)
-    images: list[Image.Image | None] = []
+        reader, problem = None, err
     for item_id in ids:
         try:
-            images.append(reader(item_id))
+            images.append(reader(item_id) if reader else None)
         except (PipelineError, *sources.IMAGE_ERRORS) as err:
-            log.warning("the contact sheet shows %r without its image: %s", item_id, err)
             images.append(None)
+            problem = problem or err
+    if problem:
+        missing = sum(image is None for image in images)
+        log.warning("the contact sheet shows %d of %d images by id only: %s", missing, len(ids), problem)
     return images
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import color_image, git, make_imagefolder, run, write_params
+from tests.conftest import color_image, copy_project, git, make_imagefolder, run, write_params
 
 STAGES = ("prepare", "extract", "train", "evaluate")
 
@@ -90,3 +90,40 @@ def test_a_sweep_over_heads_reuses_the_cached_features(imagefolder_project: Path
     shown = run(imagefolder_project, "dvc", "exp", "show", "--json").stdout
     assert "logreg" in shown and "linear" in shown
     assert {p.name: digest(p) for p in (imagefolder_project / "data" / "features").glob("*.h5")} == features
+
+
+def test_changing_only_nproc_reruns_extract_alone_and_the_features_keep_their_bytes(imagefolder_project: Path):
+    features = {p.name: digest(p) for p in (imagefolder_project / "data" / "features").glob("*.h5")}
+    write_params(imagefolder_project, {"extract": {"nproc": 2}})
+    assert repro(imagefolder_project) == ["extract"]  # train sees the same features and does not re-run
+    assert {p.name: digest(p) for p in (imagefolder_project / "data" / "features").glob("*.h5")} == features
+    metrics = json.loads((imagefolder_project / "reports" / "extract" / "metrics.json").read_text())
+    assert metrics["processes"] == 2 and metrics["images"] == 30
+
+
+def test_a_clone_without_the_images_trains_on_features_pulled_from_the_remote(tmp_path: Path):
+    """Clone A extracts and pushes to a shared directory; clone B has no images, pulls, and never extracts."""
+    a = copy_project(tmp_path / "a")
+    git(a, "rm", "-q", "--cached", "data/raw/README.md")  # the images are versioned by DVC, as the README says
+    make_imagefolder(a / "data" / "raw", classes=("cat", "dog", "owl"), per_class=10)
+    write_params(a, {"data": {"source": "imagefolder", "val_fraction": 0.2, "test_fraction": 0.2}})
+    remote = tmp_path / "remote"
+    run(a, "dvc", "add", "data/raw")
+    run(a, "dvc", "remote", "add", "--local", "--default", "team", str(remote))
+    assert repro(a) == list(STAGES)
+    run(a, "dvc", "push", "--run-cache")
+    git(a, "add", "-A")
+    git(a, "commit", "-qm", "features")
+
+    b = tmp_path / "b"
+    git(tmp_path, "clone", "-q", str(a), str(b))
+    run(b, "dvc", "remote", "add", "--local", "--default", "team", str(remote))
+    assert not (b / "data" / "raw").exists() and not (b / "data" / "features").exists()
+    write_params(b, {"train": {"lr": 0.02}})
+    out = run(b, "dvc", "repro", "--pull", "--allow-missing").stdout
+    assert re.findall(r"Running stage '(\w+)'", out) == ["train", "evaluate"], out
+    assert "Stage 'extract' didn't change" in out and not (b / "data" / "raw").exists()
+    for h5 in ("train.h5", "val.h5", "test.h5"):
+        assert digest(b / "data" / "features" / h5) == digest(a / "data" / "features" / h5)
+    assert "accuracy" in json.loads((b / "reports" / "evaluate" / "metrics.json").read_text())["test"]
+    assert (b / "reports" / "evaluate" / "plots" / "images" / "worst_test_images.png").is_file()  # ids, no images

@@ -6,6 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pipeline import evaluate
+from pipeline.config import parse_params
 from pipeline.evaluate import compute_metrics
 from tests.conftest import run_stage, write_blob_features, write_params
 
@@ -48,3 +50,11 @@ def test_evaluate_stage_refuses_features_from_another_class_list(project: Path):
     result = run_stage(project, "evaluate", check=False)
     assert result.returncode == 2
     assert "made with class_names = ['a', 'b', 'z'], but ['a', 'b', 'c'] is asked for" in result.stderr
+
+
+def test_the_contact_sheet_shows_missing_images_by_id(tmp_path: Path):
+    cfg = parse_params({"data": {"source": "imagefolder", "root": str(tmp_path / "gone")}}).data
+    images = evaluate.test_images(cfg, ["cat/001.png", "dog/002.png"])
+    assert images == [None, None]
+    sheet = evaluate.contact_sheet(images, ["cat -> dog (0.90)", "dog -> cat (0.80)"], thumb=64, columns=2)
+    assert sheet.size == (128, 64 + 14)
