@@ -14,6 +14,7 @@ import os
 import secrets
 import signal
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ T = TypeVar("T")
 # A process that finishes its share early waits for the slowest one; a failed one is stopped by torchrun,
 # which stops the others too, so this only bounds a wait that nothing else would end.
 WAIT = datetime.timedelta(days=7)
+PEER_GRACE = 10.0  # seconds a process whose peer died waits for torchrun to stop it
 
 
 @dataclass(frozen=True)
@@ -138,6 +140,9 @@ def _peers() -> Iterator[None]:
     try:
         yield
     except RuntimeError as err:  # DistBackendError and DistNetworkError are RuntimeErrors
+        # torchrun, which saw the peer exit, stops this process within moments; exiting on our own first would
+        # make this process a second failure, and torchrun might name it as the root cause instead of the peer
+        time.sleep(PEER_GRACE)
         raise Stopped("stopped: another process failed (its error names its rank)") from err
 
 

@@ -31,8 +31,9 @@ def _terminating(pid: int) -> Callable[[int, object], None]:
 def _tell_torchrun(message: str) -> None:
     """Hand the error to torchrun, whose summary then shows it for this rank instead of a link to its docs."""
     if path := os.environ.get("TORCHELASTIC_ERROR_FILE"):
+        info = {"py_callstack": message, "timestamp": str(int(time.time()))}  # the format torchrun's summary reads
         with open(path, "w") as f:
-            json.dump({"message": message, "timestamp": int(time.time())}, f)
+            json.dump({"message": {"message": message, "extraInfo": info}}, f)
 
 
 def run_stage(main: Callable[[], None]) -> None:
