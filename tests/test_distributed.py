@@ -6,7 +6,9 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -129,3 +131,45 @@ def test_an_unreadable_image_fails_the_run_with_its_rank_and_error(project: Path
     root_cause = result.stderr[result.stderr.index("Root Cause") :]
     assert re.search(r"rank\s+: 1 \(local_rank: 1\)", root_cause) and f"cannot read image '{last}'" in root_cause
     assert not (project / FEATURES).exists()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_two_machines(projects: list[Path]) -> list[subprocess.CompletedProcess]:
+    """The README's several-machines command, one launcher per "machine", meeting at 127.0.0.1."""
+    rdzv = ["--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}"]
+    cmd = ["torchrun", *rdzv, "--rdzv-id=test", "-m", "pipeline.extract", *STAGE_ARGS["extract"]]
+    procs = [
+        subprocess.Popen(cmd, cwd=p, env=project_env(p), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for p in projects
+    ]
+    return [subprocess.CompletedProcess(cmd, p.wait(timeout=120), *p.communicate()) for p in procs]
+
+
+@pytest.fixture
+def small(project: Path) -> Path:
+    make_imagefolder(project / "data" / "raw", classes=("cat", "dog"), per_class=20)
+    write_params(project, {"data": {"source": "imagefolder"}, "extract": {"batch_size": 4}})
+    run_stage(project, "prepare")
+    return project
+
+
+def test_two_machines_sharing_the_project_give_the_one_process_bytes(small: Path):
+    run_stage(small, "extract")
+    single = digests(small)
+    subprocess.run(["rm", "-rf", str(small / FEATURES)], check=True)
+    results = launch_two_machines([small, small])
+    assert all(r.returncode == 0 for r in results), [r.stderr[-2000:] for r in results]
+    assert digests(small) == single
+
+
+def test_machines_that_do_not_share_the_project_directory_are_refused(small: Path, tmp_path: Path):
+    other = Path(shutil.copytree(small, tmp_path / "elsewhere"))
+    results = launch_two_machines([small, other])
+    assert all(r.returncode != 0 for r in results)
+    assert all("need the project directory on a filesystem they all share" in r.stderr for r in results)
+    assert not (small / FEATURES).exists() and not (other / FEATURES).exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -25,14 +26,21 @@ def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-@pytest.fixture
-def imagefolder_project(project: Path) -> Path:
+@pytest.fixture(scope="module")
+def _imagefolder_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A three-class image folder project after one full `dvc repro`, made once and copied for each test."""
+    project = copy_project(tmp_path_factory.mktemp("template") / "project")
     make_imagefolder(project / "data" / "raw", classes=("cat", "dog", "owl"), per_class=10)
     write_params(project, {"data": {"source": "imagefolder", "val_fraction": 0.2, "test_fraction": 0.2}})
     git(project, "add", "-A")
     git(project, "commit", "-qm", "images")
     assert repro(project) == list(STAGES)
     return project
+
+
+@pytest.fixture
+def imagefolder_project(_imagefolder_template: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(_imagefolder_template, tmp_path / "project", symlinks=True))
 
 
 def test_second_repro_does_nothing(imagefolder_project: Path):
