@@ -143,12 +143,10 @@ def extract(params: Params, prepared: Path, out_dir: Path, world: World | None =
     merge_start = time.time()
     others = [Progress.finished(d, start=a, stop=b, **layout) for d, (a, b) in zip(dirs[1:], bounds[1:], strict=True)]
     shards = Shards([progress, *others])
-    labels = np.array([it.label for it in ordered], dtype=np.int64)
     with replaced(out_dir) as tmp:
-        _write_splits(shards, tmp, rows, base, labels, ids, compression=cfg.compression)
+        _write_splits(shards, tmp, rows, base, compression=cfg.compression)
     shards.remove()
-    end = time.time()  # the outputs' write counts, as the classic loop's np.save does
-    stats = _totals(shares, merge_start, end) | {"processes": world.size}
+    stats = _totals(shares, merge_start, time.time()) | {"processes": world.size}  # the write counts, as np.save
     log.info(
         "extracted %d images in %.1f s (%.1f img/s) with %d process(es); the final files took %.1f s",
         stats["images"], stats["seconds"], stats["images_per_second"], world.size, stats["merge_seconds"],
@@ -209,21 +207,15 @@ def _totals(shares: Sequence[dict[str, Any]], merge_start: float, end: float) ->
 
 
 def _write_splits(
-    shards: Shards,
-    out_dir: Path,
-    rows: dict[str, list[sources.Item]],
-    base: dict[str, Any],
-    labels: np.ndarray,
-    ids: list[str],
-    *,
-    compression: str,
+    shards: Shards, out_dir: Path, rows: dict[str, list[sources.Item]], base: dict[str, Any], *, compression: str
 ) -> None:
     """One clean pass from the work files into ``{split}.h5``, each file atomic; the bytes never depend on how
-    many runs the extraction took."""
+    many runs or processes the extraction took."""
     out_dir.mkdir(parents=True, exist_ok=True)
     offset = 0
     for split in sources.SPLITS:
-        n = len(rows[split])
+        items, n = rows[split], len(rows[split])
+        labels = np.array([it.label for it in items], dtype=np.int64)
         views = features.split_views(base["views"], split)
         with features.FeatureWriter(
             out_dir / f"{split}.h5", n=n, dim=base["feature_dim"], dtype=base["storage_dtype"], views=views,
@@ -232,7 +224,7 @@ def _write_splits(
             for a in range(0, n, WRITE_ROWS):
                 b = min(n, a + WRITE_ROWS)
                 blocks = {v: shards.read(v, offset + a, offset + b) for v in views}
-                writer.write(a, blocks, labels[offset + a : offset + b], ids[offset + a : offset + b])
+                writer.write(a, blocks, labels[a:b], [it.id for it in items[a:b]])
         offset += n
 
 
