@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import re
@@ -10,8 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
-from tests.conftest import color_image, copy_project, git, make_imagefolder, run, write_params
+from tests.conftest import ROOT, color_image, copy_project, git, make_imagefolder, run, write_params
 
 STAGES = ("prepare", "extract", "train", "evaluate")
 
@@ -135,3 +137,23 @@ def test_a_clone_without_the_images_trains_on_features_pulled_from_the_remote(tm
         assert digest(b / "data" / "features" / h5) == digest(a / "data" / "features" / h5)
     assert "accuracy" in json.loads((b / "reports" / "evaluate" / "metrics.json").read_text())["test"]
     assert (b / "reports" / "evaluate" / "plots" / "images" / "worst_test_images.png").is_file()  # ids, no images
+
+
+def pipeline_imports(module: str, seen: set[str] | None = None) -> set[str]:
+    """The pipeline modules ``module`` imports, directly or through each other."""
+    seen = set() if seen is None else seen
+    if module not in seen:
+        seen.add(module)
+        for node in ast.walk(ast.parse((ROOT / "pipeline" / f"{module}.py").read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "pipeline":
+                for alias in node.names:
+                    pipeline_imports(alias.name, seen)
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pipeline."):
+                pipeline_imports(node.module.split(".")[1], seen)
+    return seen
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_each_stage_lists_exactly_the_modules_it_imports(stage: str):
+    deps = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][stage]["deps"]
+    assert {Path(d).stem for d in deps if d.startswith("pipeline/")} == pipeline_imports(stage)
