@@ -33,6 +33,7 @@ import h5py
 import numpy as np
 
 from pipeline import features
+from pipeline.extract import WRITE_ROWS
 from pipeline.progress import Progress, Shards, shard_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,10 +68,10 @@ def _writer(path: Path, n: int, dim: int) -> features.FeatureWriter:
 
 def merge(shards: Shards, out: Path, rows: int, dim: int, offset: int = 0) -> None:
     """The pipeline's merge: one pass over rows [offset, offset + rows) in order, through the one FeatureWriter."""
-    labels = np.zeros(4096, dtype=np.int64)
+    labels = np.zeros(WRITE_ROWS, dtype=np.int64)
     with _writer(out, rows, dim) as w:
-        for a in range(0, rows, 4096):
-            b = min(rows, a + 4096)
+        for a in range(0, rows, WRITE_ROWS):
+            b = min(rows, a + WRITE_ROWS)
             w.write(a, {"original": shards.read("original", offset + a, offset + b)}, labels[: b - a], [""] * (b - a))
 
 

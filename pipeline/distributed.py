@@ -1,4 +1,4 @@
-"""The processes of a run started by ``torchrun``: who this one is, its device and threads, and its share.
+"""The processes of a run started by ``torchrun``: who this one is, its device and threads, and how they meet.
 
 ``torchrun`` sets RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE; a plain ``python -m`` run is a world
 of one. Processes exchange only small control messages (their outcome, a check that they share the work
@@ -55,9 +55,6 @@ class World:
     def main(self) -> bool:
         return self.rank == 0
 
-    def __str__(self) -> str:
-        return f"rank {self.rank} of {self.size}"
-
 
 def die_with_launcher() -> None:
     """Under torchrun, get SIGTERM when the launcher dies (it starts each process in a session of its own, so a
@@ -81,11 +78,6 @@ def joined(world: World) -> Iterator[World]:
         yield world
     finally:
         dist.destroy_process_group()
-
-
-def share(n: int, world: World) -> range:
-    """This process's contiguous share of ``n`` units, sizes differing by at most one, in rank order."""
-    return range(world.rank * n // world.size, (world.rank + 1) * n // world.size)
 
 
 def device(spec: str, world: World) -> torch.device:

@@ -43,10 +43,13 @@ def discard_stale(root: Path, keep: Iterable[Path]) -> None:
     runs = {d.parent for d in keep}
     root = Path(root)
     stale = [d for d in root.iterdir() if d not in runs] if root.is_dir() else []
-    stale += [d for run in runs if run.is_dir() for d in run.iterdir() if d.is_dir() and d not in keep]
+    stale += [d for run in runs if run.is_dir() for d in run.iterdir() if d not in keep | {_lock_path(k) for k in keep}]
     for d in stale:
-        log.warning("discarding the progress of an interrupted run with other inputs or parameters (%s)", d)
-        shutil.rmtree(d, ignore_errors=True)
+        if d.is_dir():
+            log.warning("discarding the progress of an interrupted run with other inputs or parameters (%s)", d)
+            shutil.rmtree(d, ignore_errors=True)
+        else:  # the lock file of a shard of another process count
+            d.unlink(missing_ok=True)
 
 
 class Progress:

@@ -56,7 +56,6 @@ def test_each_process_takes_its_gpu_or_its_share_of_the_cores():
         assert distributed.device("auto", two) == torch.device("cpu")
     elif torch.cuda.device_count() >= 2:
         assert distributed.device("auto", two) == torch.device("cuda", 1)
-    assert list(distributed.share(10, two)) == [5, 6, 7, 8, 9]
 
 
 @pytest.fixture
