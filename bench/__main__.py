@@ -91,7 +91,7 @@ def pipeline_extract(root: Path, work: Path, tag: str, extract: dict[str, Any]) 
     (run_dir / "params.yaml").write_text(yaml.safe_dump(params_for(root, extract)))
     measured([sys.executable, "-m", "pipeline.prepare", "--out", "prepared", "--metrics", "prepare.json"], run_dir)
     cmd = [sys.executable, "-m", "pipeline.extract", "--prepared", "prepared", "--out", "features"]
-    cmd += ["--metrics", "s.json"]
+    cmd += ["--metrics", "m.json", "--stats", "s.json"]
     wall, peak = measured(cmd, run_dir)
     return with_rate(json.loads((run_dir / "s.json").read_text())) | {"wall_s": wall, "peak_rss_mib": peak}
 

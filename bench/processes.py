@@ -1,13 +1,14 @@
-"""Extraction under torchrun: one process against today's plain run, and N processes against one.
+"""How the extract stage is launched: one plain process, N processes from its own launcher, and the earlier
+``torchrun --standalone`` launch of one process, on the same JPEGs.
 
     python -m bench.processes                           # 224 px JPEGs, nproc 1 and 2, three rounds
     python -m bench.processes --nproc 1 2 4 8 --images 20000 --image-size 224 --device cuda
     python -m bench.processes --quick
 
-Runs the extract stage the way dvc.yaml does, on the same generated JPEGs, alternating the variants round
-after round so that drift on a shared machine hits all of them alike, and reports the median of each:
-the stage's wall time (process start-up included) and its images/s after the first batch of every process.
-``plain`` is ``python -m pipeline.extract``, what the stage ran before it was launched by torchrun.
+Runs the stage's command from dvc.yaml (``python -m pipeline.extract``) with ``extract.nproc`` set to each N,
+and ``torchrun-1``, the command the stage had before it launched its own processes. The variants alternate
+round after round so that drift on a shared machine hits all of them alike; the report gives the median of
+each: the stage's wall time (process start-up included) and its images/s after the first batch of every process.
 """
 
 from __future__ import annotations
@@ -31,37 +32,32 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 
 
-def command(variant: str) -> list[str]:
+def command(variant: str) -> tuple[list[str], int]:
+    """The command line of ``variant`` and the ``extract.nproc`` it runs with."""
     stage = ["-m", "pipeline.extract", "--prepared", "prepared", "--out", "features", "--metrics", "m.json"]
-    if variant == "plain":
-        return [sys.executable, *stage]
-    nproc = int(variant.removeprefix("torchrun-"))
-    return [str(Path(sys.executable).parent / "torchrun"), "--standalone", f"--nproc_per_node={nproc}", *stage]
+    stage += ["--stats", "s.json"]
+    if variant == "torchrun-1":
+        return [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=1", *stage], 1
+    return [sys.executable, *stage], int(variant.removeprefix("nproc-"))
 
 
 def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     root = make_jpegs(work / "images", args.images)
-    (work / "params.yaml").write_text(
-        yaml.safe_dump(
-            params_for(
-                root,
-                {
-                    "arch": "vgg16",
-                    "image_size": args.image_size,
-                    "batch_size": args.batch_size,
-                    "num_workers": args.num_workers,
-                    "device": args.device,
-                },
-            )  # fmt: skip
-        )
+    extract = {
+        "arch": "vgg16", "image_size": args.image_size, "batch_size": args.batch_size,
+        "num_workers": args.num_workers, "device": args.device,
+    }  # fmt: skip
+    measured(
+        [sys.executable, "-m", "pipeline.prepare", "--out", "prepared", "--metrics", "prepare.json"],
+        _at(work, root, extract),
     )
-    measured([sys.executable, "-m", "pipeline.prepare", "--out", "prepared", "--metrics", "prepare.json"], work)
-    variants = ["plain"] + [f"torchrun-{n}" for n in args.nproc]
+    variants = ["torchrun-1"] + [f"nproc-{n}" for n in args.nproc]
     runs: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
     for _ in range(args.rounds):
         for v in variants:
-            wall, _peak = measured(command(v), work)
-            runs[v].append(with_rate(json.loads((work / "m.json").read_text())) | {"wall_s": wall})
+            cmd, nproc = command(v)
+            wall, _peak = measured(cmd, _at(work, root, extract | {"nproc": nproc}))
+            runs[v].append(with_rate(json.loads((work / "s.json").read_text())) | {"wall_s": wall})
     median = {
         v: {key: statistics.median(r[key] for r in rs) for key in ("wall_s", "images_per_s", "seconds")}
         for v, rs in runs.items()
@@ -74,22 +70,31 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     }
 
 
+def _at(work: Path, root: Path, extract: dict[str, Any]) -> Path:
+    """``work``, with a params.yaml for ``extract``."""
+    (work / "params.yaml").write_text(yaml.safe_dump(params_for(root, extract)))
+    return work
+
+
 def markdown(report: dict[str, Any]) -> str:
     s, med = report["settings"], report["median"]
-    base = med["torchrun-1"] if "torchrun-1" in med else med["plain"]
+    base = med["torchrun-1"]
     lines = [
-        "# Extraction under torchrun",
+        "# Launching the extract stage",
         "",
         f"{report['machine']['processor']}, {report['machine']['cpus']} CPUs; VGG16 pool5, random weights, "
         f"{s['images']} JPEGs (500×375) at {s['image_size']} px, batch {s['batch_size']}, "
-        f"{s['num_workers']} decode workers per process, device {s['device']}; median of {s['rounds']} rounds.",
+        f"{s['num_workers']} decode workers per process, device {s['device']}; median of {s['rounds']} rounds, "
+        "the variants alternating. `nproc-N` is the stage's command with `extract.nproc: N` (1: a plain process; "
+        "more: its own elastic launcher); `torchrun-1` is the earlier `torchrun --standalone --nproc_per_node=1`.",
         "",
-        "| variant | stage wall s | images/s after the first batch | vs torchrun 1 process |",
-        "|---|---|---|---|",
+        "| variant | stage wall s | vs torchrun-1 | images/s after the first batch | vs torchrun-1 |",
+        "|---|---|---|---|---|",
     ]
     for v, m in med.items():
         lines.append(
-            f"| {v} | {m['wall_s']:.2f} | {m['images_per_s']:.1f} | {m['images_per_s'] / base['images_per_s']:.2f}x |"
+            f"| {v} | {m['wall_s']:.2f} | {m['wall_s'] - base['wall_s']:+.2f} s | {m['images_per_s']:.1f} "
+            f"| {m['images_per_s'] / base['images_per_s']:.2f}x |"
         )
     return "\n".join(lines) + "\n"
 

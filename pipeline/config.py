@@ -6,6 +6,7 @@ and choices. A failure raises :class:`ConfigError` naming the key, the value and
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import re
@@ -69,7 +70,7 @@ class ExtractConfig:
     precision: Precision = "auto"  # auto: bf16 on CPUs with native bf16 and on CUDA (fp16 where bf16 is missing)
     compile: bool = False  # torch.compile the network for a fixed batch shape
     compression: Compression = "none"  # HDF5 filter of the feature datasets
-    nproc: int = _range(1, 1, 1024)  # torchrun processes on this machine (dvc.yaml); features do not depend on it
+    nproc: int = _range(1, 1, 1024)  # processes on this machine (one per GPU); the features do not depend on it
 
 
 @dataclass(frozen=True)
@@ -106,7 +107,7 @@ class Params:
 
 
 def dvc_path(name: str, dvc_yaml: str | Path = "dvc.yaml") -> Path:
-    """A path named under ``vars: paths:`` in dvc.yaml, for tools outside the stages (predict, export)."""
+    """A path named under ``vars: paths:`` in dvc.yaml: the default of every path a stage or command takes."""
     try:
         for entry in yaml.safe_load(Path(dvc_yaml).read_text())["vars"]:
             if isinstance(entry, dict) and name in entry.get("paths", {}):
@@ -114,6 +115,15 @@ def dvc_path(name: str, dvc_yaml: str | Path = "dvc.yaml") -> Path:
     except (OSError, yaml.YAMLError, KeyError, TypeError):
         pass
     raise ConfigError(f"no path {name!r} under vars: paths: in {dvc_yaml}: run from the project root")
+
+
+def with_dvc_paths(args: argparse.Namespace, **names: str) -> argparse.Namespace:
+    """``args`` with each path argument that was not given (``argument=name``) taken from dvc.yaml, so that a
+    stage run by hand, ``python -m pipeline.<stage>``, reads and writes what ``dvc repro`` would."""
+    for arg, name in names.items():
+        if getattr(args, arg) is None:
+            setattr(args, arg, dvc_path(name))
+    return args
 
 
 def load_params(path: str | Path = PARAMS_FILE) -> Params:

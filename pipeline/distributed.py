@@ -1,8 +1,10 @@
-"""The processes of a run started by ``torchrun``: who this one is, its device and threads, and how they meet.
+"""The processes of a run: starting them, who this one is, its device and threads, and how they meet.
 
-``torchrun`` sets RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE; a plain ``python -m`` run is a world
-of one. Processes exchange only small control messages (their outcome, a check that they share the work
-directory), never features, so the gloo backend serves CPU and GPU runs alike.
+A stage started alone with ``nproc > 1`` starts its workers with PyTorch's elastic launcher (:func:`launch`);
+under an outside ``torchrun`` (several machines) it is one of them already. Either launcher sets RANK,
+WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE; a plain ``python -m`` run is a world of one. Processes exchange
+only small control messages (their outcome, a check that they share the work directory), never features, so
+the gloo backend serves CPU and GPU runs alike.
 """
 
 from __future__ import annotations
@@ -10,12 +12,14 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import datetime
+import logging
 import os
 import secrets
 import signal
 import sys
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -28,10 +32,11 @@ from pipeline.hardware import resolve_device
 
 T = TypeVar("T")
 
-# A process that finishes its share early waits for the slowest one; a failed one is stopped by torchrun,
+# A process that finishes its share early waits for the slowest one; a failed one is stopped by the launcher,
 # which stops the others too, so this only bounds a wait that nothing else would end.
 WAIT = datetime.timedelta(days=7)
-PEER_GRACE = 10.0  # seconds a process whose peer died waits for torchrun to stop it
+STOPPED = (128 + signal.SIGTERM, 128 + signal.SIGINT)  # exit statuses of a worker stopped because another failed
+PEER_GRACE = 10.0  # seconds a process whose peer died waits for the launcher to stop it
 
 
 @dataclass(frozen=True)
@@ -56,10 +61,50 @@ class World:
         return self.rank == 0
 
 
+def launched() -> bool:
+    """Whether a launcher (ours or an outside ``torchrun``) started this process as one of a run's workers."""
+    return "TORCHELASTIC_RUN_ID" in os.environ
+
+
+def launch(nproc: int, module: str, args: Sequence[str]) -> int:
+    """Run ``python -m module args`` as ``nproc`` workers on this machine with PyTorch's elastic launcher (what
+    ``torchrun --standalone`` does), wait for them, and return the exit status for the run.
+
+    A worker that fails prints its own ``error: rank R of N: …`` line, and the launcher stops the others (they
+    keep their work and say ``terminated``); a worker that dies without a word (a signal) gets its line here.
+    """
+    from torch.distributed.elastic.multiprocessing import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    for name, logger in logging.Logger.manager.loggerDict.items():  # the workers' own lines say what went wrong
+        if name.startswith("torch.distributed.elastic") and isinstance(logger, logging.Logger):
+            logger.setLevel(logging.CRITICAL)
+    config = LaunchConfig(
+        min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()), rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.1, start_method="spawn",
+    )  # fmt: skip
+    try:
+        elastic_launch(config, sys.executable)("-m", module, *args)
+    except ChildFailedError as err:
+        # a worker the launcher stopped after another one failed says so itself and exits 143 (or 130)
+        causes = {r: f for r, f in err.failures.items() if f.exitcode not in STOPPED} or err.failures
+        for rank, failure in sorted(causes.items()):
+            if failure.exitcode < 0:  # killed: the worker could not say why
+                print(f"error: rank {rank} of {nproc}: killed by {failure.signal_name()}", file=sys.stderr)
+            elif not os.path.isfile(failure.error_file):  # the workers write one for every error they report
+                print(f"error: rank {rank} of {nproc}: exited with status {failure.exitcode}", file=sys.stderr)
+        code = causes[min(causes)].exitcode
+        return code if code > 0 else 128 - code
+    except SignalException as err:  # Ctrl-C or SIGTERM to this launcher: the workers got it too and keep their rows
+        return 128 + int(err.sigval)
+    return 0
+
+
 def die_with_launcher() -> None:
-    """Under torchrun, get SIGTERM when the launcher dies (it starts each process in a session of its own, so a
-    killed ``dvc repro`` would otherwise leave this process running on)."""
-    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+    """Under a launcher, get SIGTERM when it dies (it starts each process in a session of its own, so a killed
+    ``dvc repro`` would otherwise leave this process running on)."""
+    if not launched() or not sys.platform.startswith("linux"):
         return
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
@@ -132,8 +177,8 @@ def _peers() -> Iterator[None]:
     try:
         yield
     except RuntimeError as err:  # DistBackendError and DistNetworkError are RuntimeErrors
-        # torchrun, which saw the peer exit, stops this process within moments; exiting on our own first would
-        # make this process a second failure, and torchrun might name it as the root cause instead of the peer
+        # the launcher, which saw the peer exit, stops this process within moments; exiting on our own first would
+        # make this process a second failure, and a launcher might name it as the root cause instead of the peer
         time.sleep(PEER_GRACE)
         raise Stopped("stopped: another process failed (its error names its rank)") from err
 

@@ -16,7 +16,7 @@ class PipelineError(Exception):
 
 
 class Stopped(BaseException):
-    """This process stops because another one failed (torchrun's SIGTERM, or a peer gone): unwinds like Ctrl-C."""
+    """This process stops because another one failed (the launcher's SIGTERM, or a peer gone): unwinds like Ctrl-C."""
 
 
 def _terminating(pid: int) -> Callable[[int, object], None]:
@@ -28,8 +28,8 @@ def _terminating(pid: int) -> Callable[[int, object], None]:
     return handler
 
 
-def _tell_torchrun(message: str) -> None:
-    """Hand the error to torchrun, whose summary then shows it for this rank instead of a link to its docs."""
+def _tell_launcher(message: str) -> None:
+    """Hand the error to the launcher (ours, or torchrun, whose summary then shows it for this rank)."""
     if path := os.environ.get("TORCHELASTIC_ERROR_FILE"):
         info = {"py_callstack": message, "timestamp": str(int(time.time()))}  # the format torchrun's summary reads
         with open(path, "w") as f:
@@ -39,7 +39,7 @@ def _tell_torchrun(message: str) -> None:
 def run_stage(main: Callable[[], None]) -> None:
     """Run a stage's ``main()``: configure logging once and report user errors without a traceback.
 
-    Under ``torchrun`` with several processes, every line names the process (``rank 1 of 2``).
+    With several processes, every line names the process (``rank 1 of 2``).
     Set ``PIPELINE_DEBUG=1`` to see the full traceback of a user error.
     """
     size = int(os.environ.get("WORLD_SIZE", 1))
@@ -49,13 +49,13 @@ def run_stage(main: Callable[[], None]) -> None:
     try:
         main()
     except PipelineError as err:
-        _tell_torchrun(f"error: {err}")
+        _tell_launcher(f"error: {err}")
         if os.environ.get("PIPELINE_DEBUG"):
             raise
         print(f"error: {who}{err}", file=sys.stderr)
         sys.exit(2)
     except Exception as err:  # a bug: the traceback follows
-        _tell_torchrun(f"{type(err).__name__}: {err}")
+        _tell_launcher(f"{type(err).__name__}: {err}")
         raise
     except KeyboardInterrupt:
         print(f"{who}interrupted", file=sys.stderr)

@@ -1,7 +1,8 @@
 """Stage `extract`: run the frozen VGG once over every split and cache its features in HDF5.
 
-Run it under ``torchrun`` (as dvc.yaml does) to split the work over several processes, GPUs or machines;
-a plain ``python -m pipeline.extract`` is one process.
+With ``extract.nproc: 1`` this is one plain process; with more it starts that many workers on this machine
+(one per GPU) with PyTorch's elastic launcher. Under your own ``torchrun`` (several machines) each process
+is one worker and ``extract.nproc`` is not used.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import argparse
 import functools
 import json
 import logging
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -22,7 +24,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from pipeline import backbone, distributed, features, sources
-from pipeline.config import ExtractConfig, Params, load_params, to_dict
+from pipeline.config import ExtractConfig, Params, load_params, to_dict, with_dvc_paths
 from pipeline.distributed import World
 from pipeline.errors import PipelineError, run_stage
 from pipeline.files import replaced
@@ -246,19 +248,28 @@ def _forward(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--prepared", type=Path, required=True, help="directory with manifest.csv and classes.json")
-    parser.add_argument("--out", type=Path, required=True, help="directory for train.h5, val.h5, test.h5")
-    parser.add_argument("--metrics", type=Path, help="write the run's images, seconds and processes here, as JSON")
-    args = parser.parse_args()
+    parser.add_argument("--prepared", type=Path, help="directory with manifest.csv and classes.json")
+    parser.add_argument("--out", type=Path, help="directory for train.h5, val.h5, test.h5")
+    parser.add_argument("--metrics", type=Path, help="JSON file for the images extracted and images/s")
+    parser.add_argument("--stats", type=Path, help="also write every timing of the run here, as JSON (benchmarks)")
+    args = with_dvc_paths(parser.parse_args(), prepared="prepared", out="features", metrics="extract_metrics")
     params = load_params()
+    if params.extract.nproc > 1 and not distributed.launched():
+        forwarded = [f"--{name}={value}" for name, value in vars(args).items() if value is not None]
+        sys.exit(distributed.launch(params.extract.nproc, __spec__.name, forwarded))
     world = World.from_env()
     distributed.die_with_launcher()
     if world.main:
         log.info("extract params: %s", to_dict(params.extract))
     with distributed.joined(world):
         stats = extract(params, args.prepared, args.out, world)
-    if stats is not None and args.metrics:
-        with replaced(args.metrics) as tmp:
+    if stats is None:
+        return
+    headline = {"images": stats["images"], "images/s": round(stats["images_per_second"], 2)}
+    with replaced(args.metrics) as tmp:
+        tmp.write_text(json.dumps(headline, indent=1) + "\n")
+    if args.stats:
+        with replaced(args.stats) as tmp:
             tmp.write_text(json.dumps(stats, indent=2) + "\n")
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from pipeline import sources
-from pipeline.config import DataConfig, load_params, to_dict
+from pipeline.config import DataConfig, load_params, to_dict, with_dvc_paths
 from pipeline.errors import run_stage
 from pipeline.files import replaced
 
@@ -42,9 +42,9 @@ def write_skipped(path: Path, bad: dict[str, str]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", type=Path, required=True, help="directory for manifest.csv and classes.json")
-    parser.add_argument("--metrics", type=Path, required=True, help="JSON file for image counts")
-    args = parser.parse_args()
+    parser.add_argument("--out", type=Path, help="directory for manifest.csv and classes.json")
+    parser.add_argument("--metrics", type=Path, help="JSON file for image counts")
+    args = with_dvc_paths(parser.parse_args(), out="prepared", metrics="prepare_metrics")
     params = load_params()
     cfg = params.data
     log.info("data params: %s", to_dict(cfg))
@@ -56,8 +56,8 @@ def main() -> None:
         sources.write_manifest(out, items, classes)
         write_skipped(out / SKIPPED, bad)
     counts = collections.Counter(it.split for it in items)
-    summary = {"images": len(items), "skipped_images": len(bad), "classes": len(classes)}
-    summary |= {f"{split}_images": counts[split] for split in sources.SPLITS}  # "test" is evaluate's key
+    # short keys: `dvc metrics show` puts every key of every metrics file in one line
+    summary = {"images": len(items), "skipped": len(bad)} | {split: counts[split] for split in sources.SPLITS}
     with replaced(args.metrics) as metrics:
         metrics.write_text(json.dumps(summary, indent=1) + "\n")
     log.info(

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from pipeline import features, heads
-from pipeline.config import Params, TrainConfig, load_params, to_dict
+from pipeline.config import Params, TrainConfig, load_params, to_dict, with_dvc_paths
 from pipeline.errors import PipelineError, run_stage
 from pipeline.files import replaced
 from pipeline.hardware import resolve_device
@@ -114,13 +114,13 @@ def train(
                 "raise train.in_memory_mb or use head: linear, which streams"
             )
         ((x, y),), ((x_val, y_val),) = train_split.blocks(None), val_split.blocks(None)
-        layer, C, scores = heads.fit_logreg(
+        layer, C, curves = heads.fit_logreg(
             ((x - mean) / std).cpu().numpy(), y.cpu().numpy(), ((x_val - mean) / std).cpu().numpy(),
             y_val.cpu().numpy(), Cs=cfg.logreg_C, num_classes=num_classes,
         )  # fmt: skip
-        for c, acc in zip(cfg.logreg_C, scores, strict=True):
-            log_step({"logreg/C": c, "val/acc": acc})
-        log.info("logreg: C = %g chosen on validation (accuracy per C: %s)", C, scores)
+        for c, values in zip(cfg.logreg_C, curves, strict=True):  # one step per candidate: the curves' x
+            log_step({"logreg/C": c} | values)
+        log.info("logreg: C = %g chosen on validation (accuracy per C: %s)", C, [v["val/acc"] for v in curves])
         return heads.Classifier(layer, mean.cpu(), std.cpu()), spec | {"C": C}
 
     net = heads.build_net(cfg.head, dim, num_classes, hidden=cfg.hidden, dropout=cfg.dropout)
@@ -157,10 +157,10 @@ def main() -> None:
     from dvclive import Live
 
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--features", type=Path, required=True, help="directory with train.h5 and val.h5")
-    parser.add_argument("--out", type=Path, required=True, help="head file to write")
-    parser.add_argument("--live", type=Path, required=True, help="dvclive directory for curves and metrics")
-    args = parser.parse_args()
+    parser.add_argument("--features", type=Path, help="directory with train.h5 and val.h5")
+    parser.add_argument("--out", type=Path, help="head file to write")
+    parser.add_argument("--live", type=Path, help="dvclive directory for curves and metrics")
+    args = with_dvc_paths(parser.parse_args(), features="features", out="head", live="train_live")
     params = load_params()
     log.info("train params: %s", to_dict(params.train))
     paths = {split: args.features / f"{split}.h5" for split in ("train", "val")}
