@@ -112,22 +112,31 @@ def fit_logreg(
     *,
     Cs: Sequence[float],
     num_classes: int,
-) -> tuple[nn.Linear, float, list[float]]:
+) -> tuple[nn.Linear, float, list[dict[str, float]]]:
     """scikit-learn LogisticRegression for each C, the best on validation kept as a Linear layer.
 
-    Inputs are already standardised. Returns the layer, the chosen C and the validation accuracy per C.
+    Inputs are already standardised. Returns the layer, the chosen C, and for each C the loss and accuracy
+    on both splits (``train/loss``, ``train/acc``, ``val/loss``, ``val/acc``: the keys of the MLP's curves).
     """
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import log_loss
 
-    best, scores = None, []
+    best, curves = None, []
     for C in Cs:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
             clf = LogisticRegression(C=C, max_iter=1000).fit(x_train, y_train)
-        scores.append(float(clf.score(x_val, y_val)))
-        if best is None or scores[-1] > scores[best[0]]:
-            best = (len(scores) - 1, clf)
+        curves.append({
+            f"{split}/{name}": value
+            for split, x, y in (("train", x_train, y_train), ("val", x_val, y_val))
+            for name, value in (
+                ("loss", float(log_loss(y, clf.predict_proba(x), labels=clf.classes_))),
+                ("acc", float(clf.score(x, y))),
+            )
+        })  # fmt: skip
+        if best is None or curves[-1]["val/acc"] > curves[best[0]]["val/acc"]:
+            best = (len(curves) - 1, clf)
     assert best is not None
     clf = best[1]
     weight, bias = np.zeros((num_classes, x_train.shape[1])), np.zeros(num_classes)
@@ -139,7 +148,7 @@ def fit_logreg(
     with torch.no_grad():
         layer.weight.copy_(torch.from_numpy(weight))
         layer.bias.copy_(torch.from_numpy(bias))
-    return layer, float(Cs[best[0]]), scores
+    return layer, float(Cs[best[0]]), curves
 
 
 # ---------------------------------------------------------------------------- the head file

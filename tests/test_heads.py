@@ -56,11 +56,13 @@ def test_standardization_over_blocks_matches_the_whole_and_keeps_constant_featur
 def test_logreg_is_scikit_learn_stored_as_a_linear_layer(classes: int):
     x, y = blobs(classes=classes)
     x = ((x - x.mean(0)) / x.std(0)).numpy()
-    layer, C, scores = heads.fit_logreg(
+    layer, C, curves = heads.fit_logreg(
         x[:200], y[:200].numpy(), x[200:], y[200:].numpy(), Cs=[0.01, 1.0], num_classes=classes
     )
-    assert len(scores) == 2 and C in (0.01, 1.0)
+    assert [set(c) for c in curves] == [{"train/loss", "train/acc", "val/loss", "val/acc"}] * 2
+    assert [0.01, 1.0][int(curves[1]["val/acc"] > curves[0]["val/acc"])] == C
     reference = LogisticRegression(C=C, max_iter=1000).fit(x[:200], y[:200].numpy())
+    assert curves[[0.01, 1.0].index(C)]["val/acc"] == reference.score(x[200:], y[200:].numpy())
     with torch.no_grad():
         probs = torch.softmax(layer(torch.from_numpy(x[200:])), 1).numpy()
     np.testing.assert_allclose(probs, reference.predict_proba(x[200:]), atol=1e-5)

@@ -83,7 +83,8 @@ def test_skip_leaves_out_exactly_the_bad_images_and_reports_why(messy: Path):
     items, _ = sources.read_manifest(messy / "data" / "prepared")
     assert {f"cat/{name}" for name in GOOD} <= {it.id for it in items}
     metrics = json.loads((messy / "reports" / "prepare" / "metrics.json").read_text())
-    assert metrics["skipped_images"] == len(BAD) and metrics["images"] == 20 + len(GOOD)
+    assert metrics["skipped"] == len(BAD) and metrics["images"] == 20 + len(GOOD)
+    assert metrics["train"] + metrics["val"] + metrics["test"] == metrics["images"]
     run_stage(messy, "extract")  # every image left in the manifest decodes
 
 
