@@ -16,7 +16,9 @@ import yaml
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-PROJECT_FILES = ("dvc.yaml", "params.yaml", "pipeline", ".dvc/config", ".dvc/.gitignore", ".dvcignore", "data/raw")
+PROJECT_FILES = (
+    "dvc.yaml", "params.yaml", "pipeline", ".dvc/config", ".dvc/.gitignore", ".dvc/plots", ".dvcignore", "data/raw"
+)  # fmt: skip
 
 # Fast settings for end-to-end runs: random weights, the smallest VGG, small images, few epochs.
 FAST_PARAMS = {
@@ -103,6 +105,27 @@ def git(project: Path, *args: str) -> None:
 def project(tmp_path: Path) -> Path:
     """A committed copy of this project (no outputs) with fast parameters, ready for real dvc commands."""
     return copy_project(tmp_path / "project")
+
+
+@pytest.fixture(scope="session")
+def reproduced_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A three-class image folder project after one full `dvc repro`, with exact (fp32, float32) features: made
+    once per session; tests that change it take a copy (``reproduced``)."""
+    project = copy_project(tmp_path_factory.mktemp("reproduced") / "project")
+    make_imagefolder(project / "data" / "raw", classes=("cat", "dog", "owl"), per_class=10)
+    write_params(project, {"data": {"source": "imagefolder", "val_fraction": 0.2, "test_fraction": 0.3}})
+    write_params(project, {"extract": {"precision": "fp32", "storage_dtype": "float32"}})
+    git(project, "add", "-A")
+    git(project, "commit", "-qm", "images")
+    run(project, "dvc", "repro")
+    git(project, "add", "-A")
+    git(project, "commit", "-qm", "results")
+    return project
+
+
+@pytest.fixture
+def reproduced(reproduced_template: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(reproduced_template, tmp_path / "project", symlinks=True))
 
 
 def copy_project(dest: Path) -> Path:

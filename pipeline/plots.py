@@ -1,0 +1,68 @@
+"""The page of ``dvc plots show``, made to draw with no network: an HTML template that carries vega, vega-lite and
+vega-embed itself, from the vl-convert package, instead of loading them from a CDN as DVC's own page does.
+
+    python -m pipeline.plots      # once per clone (`make install` runs it)
+
+writes ``.dvc/plots-offline.html`` and points this clone's DVC configuration (``.dvc/config.local``) at it. A
+clone without it keeps DVC's page, which draws only online.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from pipeline.errors import PipelineError, run_stage
+from pipeline.files import replaced
+
+log = logging.getLogger(__name__)
+
+TEMPLATE = "plots-offline.html"  # DVC reads plots.html_template relative to .dvc/
+
+# vegaEmbed as DVC's page calls it, drawing SVG: crisp text, and a page whose charts can be checked as elements
+EMBED = "window.vegaEmbed = (el, spec, opts) => vegaEmbed(el, spec, {renderer: 'svg', ...opts});"
+
+
+def offline_page(bundle: str) -> str:
+    """DVC's own page template with the script bundle inlined in place of its CDN ``<script src=…>`` tags."""
+    from dvc_render.html import PAGE_HTML
+
+    if "</script" in bundle.lower():
+        raise AssertionError("the bundle would end its <script> element early")
+    return PAGE_HTML.replace("{scripts}", f"<script>\n{bundle}\n</script>")
+
+
+def vega_bundle() -> str:
+    """vega, vega-lite (the newest 5.x, the version of DVC's plot templates) and vega-embed as one script."""
+    import vl_convert as vlc
+
+    v5 = [v for v in vlc.get_vegalite_versions() if v.startswith("5.")]
+    newest = max(v5, key=lambda v: tuple(map(int, v.split(".")))) if v5 else None
+    return vlc.javascript_bundle(snippet=EMBED, vl_version=newest)
+
+
+def install(dvc_dir: Path) -> Path:
+    """Write the offline page into ``dvc_dir`` and make it this clone's ``plots.html_template``."""
+    from dvc.config import Config
+
+    if not dvc_dir.is_dir():
+        raise PipelineError(f"no {dvc_dir} directory here: run from the project root")
+    path = dvc_dir / TEMPLATE
+    with replaced(path) as tmp:
+        tmp.write_text(offline_page(vega_bundle()), encoding="utf-8")
+    with Config(dvc_dir=str(dvc_dir)).edit("local") as conf:
+        conf["plots"]["html_template"] = TEMPLATE
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dvc-dir", type=Path, default=Path(".dvc"), help="the project's .dvc directory")
+    args = parser.parse_args()
+    path = install(args.dvc_dir)
+    log.info("wrote %s (%.1f MB); `dvc plots show` now draws offline", path, path.stat().st_size / 1e6)
+
+
+if __name__ == "__main__":
+    run_stage(main)
