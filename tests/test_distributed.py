@@ -62,8 +62,8 @@ def test_each_process_takes_its_gpu_or_its_share_of_the_cores():
 
 @pytest.fixture
 def digits(project: Path) -> Path:
-    """Digits through vgg11 at 64 px in batches of 16, with flipped training images: a few seconds a run."""
-    write_params(project, {"extract": {"image_size": 64, "batch_size": 16, "views": ["original", "hflip"]}})
+    """Digits through vgg11 at 32 px in batches of 16, with flipped training images: a few seconds a run."""
+    write_params(project, {"extract": {"batch_size": 16, "views": ["original", "hflip"]}})
     run_stage(project, "prepare")
     return project
 
