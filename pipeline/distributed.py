@@ -17,6 +17,7 @@ import os
 import secrets
 import signal
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -35,7 +36,8 @@ T = TypeVar("T")
 # A process that finishes its share early waits for the slowest one; a failed one is stopped by the launcher,
 # which stops the others too, so this only bounds a wait that nothing else would end.
 WAIT = datetime.timedelta(days=7)
-STOPPED = (128 + signal.SIGTERM, 128 + signal.SIGINT)  # exit statuses of a worker stopped because another failed
+STOPPED = (128 + signal.SIGTERM, 128 + signal.SIGINT)  # the status of a worker stopped because another failed
+LAUNCHER_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
 PEER_GRACE = 10.0  # seconds a process whose peer died waits for the launcher to stop it
 
 
@@ -73,32 +75,49 @@ def launch(nproc: int, module: str, args: Sequence[str]) -> int:
     A worker that fails prints its own ``error: rank R of N: …`` line, and the launcher stops the others (they
     keep their work and say ``terminated``); a worker that dies without a word (a signal) gets its line here.
     """
-    from torch.distributed.elastic.multiprocessing import SignalException
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     for name, logger in logging.Logger.manager.loggerDict.items():  # the workers' own lines say what went wrong
         if name.startswith("torch.distributed.elastic") and isinstance(logger, logging.Logger):
             logger.setLevel(logging.CRITICAL)
-    config = LaunchConfig(
-        min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()), rdzv_backend="c10d",
-        rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.1, start_method="spawn",
-    )  # fmt: skip
-    try:
-        elastic_launch(config, sys.executable)("-m", module, *args)
-    except ChildFailedError as err:
-        # a worker the launcher stopped after another one failed says so itself and exits 143 (or 130)
-        causes = {r: f for r, f in err.failures.items() if f.exitcode not in STOPPED} or err.failures
-        for rank, failure in sorted(causes.items()):
-            if failure.exitcode < 0:  # killed: the worker could not say why
-                print(f"error: rank {rank} of {nproc}: killed by {failure.signal_name()}", file=sys.stderr)
-            elif not os.path.isfile(failure.error_file):  # the workers write one for every error they report
-                print(f"error: rank {rank} of {nproc}: exited with status {failure.exitcode}", file=sys.stderr)
-        code = causes[min(causes)].exitcode
-        return code if code > 0 else 128 - code
-    except SignalException as err:  # Ctrl-C or SIGTERM to this launcher: the workers got it too and keep their rows
-        return 128 + int(err.sigval)
+    handlers = {sig: signal.getsignal(sig) for sig in LAUNCHER_SIGNALS}  # the launcher replaces them for good
+    with tempfile.TemporaryDirectory(prefix="extract-launch-") as logs:  # the workers' error files
+        config = LaunchConfig(
+            min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()), rdzv_backend="c10d",
+            rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.1, start_method="spawn",
+            logs_specs=DefaultLogsSpecs(log_dir=logs),
+        )  # fmt: skip
+        try:
+            elastic_launch(config, sys.executable)("-m", module, *args)
+        except ChildFailedError as err:
+            return _report(err.failures, nproc)
+        except SignalException as err:  # Ctrl-C or SIGTERM to this launcher: the workers got it and keep their rows
+            return 128 + int(err.sigval)
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
     return 0
+
+
+def _report(failures: dict[int, Any], nproc: int) -> int:
+    """Print a line for each failed worker that could not say why itself; the run's exit status.
+
+    ``failures``: rank -> torch's ProcessFailure. A worker that reported its error wrote an error file (and may
+    have been killed afterwards); one the launcher stopped because another failed exits 143 or 130.
+    """
+
+    def status(f: Any) -> int:
+        return f.exitcode if f.exitcode >= 0 else 128 - f.exitcode
+
+    reported = {r: f for r, f in failures.items() if os.path.isfile(f.error_file)}
+    silent = {r: f for r, f in failures.items() if r not in reported and status(f) not in STOPPED}
+    for rank, failure in sorted(silent.items()):
+        why = f"killed by {failure.signal_name()}" if failure.exitcode < 0 else f"exited with status {failure.exitcode}"
+        print(f"error: rank {rank} of {nproc}: {why}", file=sys.stderr)
+    causes = reported or silent or failures
+    return status(causes[min(causes)])
 
 
 def die_with_launcher() -> None:

@@ -54,12 +54,17 @@ def run_stage(main: Callable[[], None]) -> None:
             raise
         print(f"error: {who}{err}", file=sys.stderr)
         sys.exit(2)
-    except Exception as err:  # a bug: the traceback follows
-        _tell_launcher(f"{type(err).__name__}: {err}")
+    except Exception as err:
+        if isinstance(err.__context__, (KeyboardInterrupt, Stopped)):  # raised while stopping, e.g. the DataLoader
+            _stop(err.__context__, who)  # noticing that its decode workers got the same signal: the stop is the news
+        _tell_launcher(f"{type(err).__name__}: {err}")  # a bug: the traceback follows
         raise
-    except KeyboardInterrupt:
-        print(f"{who}interrupted", file=sys.stderr)
-        sys.exit(130)
-    except Stopped as stop:
-        print(f"{who}{stop}", file=sys.stderr)
-        sys.exit(143)
+    except (KeyboardInterrupt, Stopped) as stop:
+        _stop(stop, who)
+
+
+def _stop(stop: BaseException, who: str) -> None:
+    """Exit quietly for Ctrl-C (130) or a stop (143), with one line saying so."""
+    interrupted = isinstance(stop, KeyboardInterrupt)
+    print(f"{who}{'interrupted' if interrupted else stop}", file=sys.stderr)
+    sys.exit(130 if interrupted else 143)

@@ -255,8 +255,9 @@ def main() -> None:
     args = with_dvc_paths(parser.parse_args(), prepared="prepared", out="features", metrics="extract_metrics")
     params = load_params()
     if params.extract.nproc > 1 and not distributed.launched():
-        forwarded = [f"--{name}={value}" for name, value in vars(args).items() if value is not None]
-        sys.exit(distributed.launch(params.extract.nproc, __spec__.name, forwarded))
+        nproc = params.extract.nproc
+        distributed.device(params.extract.device, World(size=nproc, local_size=nproc))  # its errors, once, here
+        sys.exit(distributed.launch(nproc, "pipeline.extract", sys.argv[1:]))
     world = World.from_env()
     distributed.die_with_launcher()
     if world.main:

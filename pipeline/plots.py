@@ -29,7 +29,7 @@ def offline_page(bundle: str) -> str:
     from dvc_render.html import PAGE_HTML
 
     if "</script" in bundle.lower():
-        raise AssertionError("the bundle would end its <script> element early")
+        raise PipelineError("this vl-convert's bundle contains '</script' and cannot be inlined in a page")
     return PAGE_HTML.replace("{scripts}", f"<script>\n{bundle}\n</script>")
 
 

@@ -81,7 +81,7 @@ def test_two_processes_give_byte_identical_features_and_a_failed_one_leaves_no_f
     rank1 = wait_for_rank_progress(digits, proc, rank=1)
     os.kill(rank1, signal.SIGKILL)
     _, stderr = proc.communicate(timeout=60)
-    assert proc.returncode != 0
+    assert proc.returncode == 128 + signal.SIGKILL
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert errors == ["error: rank 1 of 2: killed by SIGKILL"]
     assert "rank 0 of 2: terminated" in stderr and "Traceback" not in stderr  # stopped by the launcher; kept its rows
@@ -133,7 +133,8 @@ def launch_two_machines(projects: list[Path]) -> list[subprocess.CompletedProces
         subprocess.Popen(cmd, cwd=p, env=project_env(p), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for p in projects
     ]
-    return [subprocess.CompletedProcess(cmd, p.wait(timeout=120), *p.communicate()) for p in procs]
+    outputs = [p.communicate(timeout=120) for p in procs]
+    return [subprocess.CompletedProcess(cmd, p.returncode, *out) for p, out in zip(procs, outputs, strict=True)]
 
 
 @pytest.fixture

@@ -3,6 +3,8 @@ what to do, then DVC's own failure line, and no traceback."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 from tests.conftest import make_imagefolder, run, write_params
@@ -54,3 +56,20 @@ def test_a_truncated_head(reproduced: Path):
     head.write_bytes(head.read_bytes()[: head.stat().st_size // 2])
     error = failed_repro(reproduced, "--single-item", "evaluate")
     assert error.startswith("error: models/head.pt is not a head file of this pipeline")
+
+
+def test_an_error_raised_while_stopping_is_reported_as_the_stop():
+    """SIGTERM reaches the DataLoader's decode workers too; their death must not turn a clean stop into a bug."""
+    code = """
+from pipeline.errors import Stopped, run_stage
+
+def main():
+    try:
+        raise Stopped("terminated")
+    finally:
+        raise RuntimeError("DataLoader worker (pid 1) is killed by signal: Terminated.")
+
+run_stage(main)
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert result.returncode == 143 and result.stderr == "terminated\n"
