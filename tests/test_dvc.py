@@ -6,6 +6,7 @@ import ast
 import hashlib
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -137,3 +138,14 @@ def pipeline_imports(module: str, seen: set[str] | None = None) -> set[str]:
 def test_each_stage_lists_exactly_the_modules_it_imports(stage: str):
     deps = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][stage]["deps"]
     assert {Path(d).stem for d in deps if d.startswith("pipeline/")} == pipeline_imports(stage)
+
+
+def test_each_stage_run_alone_with_no_arguments_writes_what_dvc_repro_would(imagefolder_project: Path):
+    (imagefolder_project / "models/head.pt").unlink()
+    for path in ("data/prepared", "data/features", "reports"):
+        shutil.rmtree(imagefolder_project / path)
+    for stage in STAGES:
+        run(imagefolder_project, "python", "-m", f"pipeline.{stage}")
+    # every output is back, with dvc.lock's hashes; only the extraction's images/s is another run's
+    status = run(imagefolder_project, "dvc", "status").stdout
+    assert status.split() == ["extract:", "changed", "outs:", "modified:", "reports/extract/metrics.json"], status
