@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from pipeline import backbone, heads
-from pipeline.config import dvc_path
+from pipeline.config import with_dvc_paths
 from pipeline.errors import run_stage
 from pipeline.files import replaced
 
@@ -80,8 +80,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--head", type=Path, help="head file (default: the train stage's output in dvc.yaml)")
     parser.add_argument("--out", type=Path, default=Path("models/export"), help="output directory")
-    args = parser.parse_args()
-    meta = export(args.head or dvc_path("head"), args.out)
+    args = with_dvc_paths(parser.parse_args(), head="head")
+    meta = export(args.head, args.out)
     log.info("wrote %s and %s (%d classes)", args.out / MODEL, args.out / META, len(meta["class_names"]))
 
 

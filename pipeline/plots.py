@@ -4,14 +4,18 @@ vega-embed itself, from the vl-convert package, instead of loading them from a C
     python -m pipeline.plots      # once per clone (`make install` runs it)
 
 writes ``.dvc/plots-offline.html`` and points this clone's DVC configuration (``.dvc/config.local``) at it. A
-clone without it keeps DVC's page, which draws only online.
+clone without it keeps DVC's page, which draws only online. It also writes DVC's two confusion-matrix templates,
+as the installed DVC has them, with axis labels that thin out instead of overlapping when there are many classes.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import json
 import logging
 from pathlib import Path
+from typing import Any
 
 from pipeline.errors import PipelineError, run_stage
 from pipeline.files import replaced
@@ -42,12 +46,31 @@ def vega_bundle() -> str:
     return vlc.javascript_bundle(snippet=EMBED, vl_version=newest)
 
 
+def thinned_confusion_templates() -> dict[str, dict[str, Any]]:
+    """DVC's ``confusion`` and ``confusion_normalized`` templates with ``labelOverlap`` on both axes: with 100
+    classes their labels otherwise overlap into a black band."""
+    from dvc_render.vega_templates import TEMPLATES
+
+    templates = {}
+    for template in TEMPLATES:
+        if template.DEFAULT_NAME in ("confusion", "confusion_normalized"):
+            content = copy.deepcopy(template.DEFAULT_CONTENT)
+            for axis in ("x", "y"):
+                content["spec"]["encoding"][axis]["axis"] = {"labelOverlap": True}
+            templates[template.DEFAULT_NAME] = content
+    return templates
+
+
 def install(dvc_dir: Path) -> Path:
-    """Write the offline page into ``dvc_dir`` and make it this clone's ``plots.html_template``."""
+    """Write the offline page into ``dvc_dir`` and make it this clone's ``plots.html_template``; write the
+    thinned confusion templates where DVC looks for a project's own (``.dvc/plots/<name>.json``)."""
     from dvc.config import Config
 
     if not dvc_dir.is_dir():
         raise PipelineError(f"no {dvc_dir} directory here: run from the project root")
+    for name, content in thinned_confusion_templates().items():
+        with replaced(dvc_dir / "plots" / f"{name}.json") as tmp:
+            tmp.write_text(json.dumps(content, indent=2) + "\n")
     path = dvc_dir / TEMPLATE
     with replaced(path) as tmp:
         tmp.write_text(offline_page(vega_bundle()), encoding="utf-8")

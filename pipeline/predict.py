@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from pipeline import backbone, heads, sources
-from pipeline.config import dvc_path, load_params
+from pipeline.config import load_params, with_dvc_paths
 from pipeline.errors import PipelineError, run_stage
 from pipeline.hardware import resolve_device
 
@@ -99,7 +99,7 @@ def main() -> None:
     parser.add_argument("--head", type=Path, help="head file (default: the train stage's output in dvc.yaml)")
     parser.add_argument("--out", type=Path, help="also write a CSV: path, error, class_i, prob_i for i = 1..k")
     parser.add_argument("--top-k", type=int, help="classes to list (default: evaluate.top_k)")
-    args = parser.parse_args()
+    args = with_dvc_paths(parser.parse_args(), head="head")
     params = load_params()
     missing = [str(p) for p in args.paths if not p.exists()]
     if missing:
@@ -107,7 +107,7 @@ def main() -> None:
     paths = sources.find_images(args.paths)
     if not paths:
         raise PipelineError(f"no image files in {', '.join(map(str, args.paths))}")
-    head, spec = heads.load_head(args.head or dvc_path("head"))
+    head, spec = heads.load_head(args.head)
     extractor, prep = backbone.extractor_for(spec["provenance"])
     class_names = spec["provenance"]["class_names"]
     top_k = min(args.top_k or params.evaluate.top_k, len(class_names))

@@ -29,6 +29,17 @@ def test_the_offline_page_is_dvcs_page_with_the_scripts_inlined():
     assert "<script>\n/* the bundle */\n</script>" in page and "src=" not in page
 
 
+def test_the_confusion_templates_are_dvcs_own_with_thinned_labels():
+    from dvc_render.vega_templates import ConfusionTemplate, NormalizedConfusionTemplate
+
+    templates = plots.thinned_confusion_templates()
+    for dvcs in (ConfusionTemplate, NormalizedConfusionTemplate):
+        ours = templates[dvcs.DEFAULT_NAME]
+        for axis in ("x", "y"):
+            assert ours["spec"]["encoding"][axis].pop("axis") == {"labelOverlap": True}
+        assert ours == dvcs.DEFAULT_CONTENT
+
+
 class Charts(HTMLParser):
     """The vega charts of a rendered page: for each chart's element id, its drawn marks and its texts."""
 
