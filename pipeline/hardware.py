@@ -8,15 +8,18 @@ from pipeline.errors import PipelineError
 
 
 def resolve_device(spec: str) -> torch.device:
-    """``auto`` picks the first CUDA device when there is one; an explicit CUDA device must exist."""
+    """``auto`` picks the current CUDA device when there is one; an explicit CUDA device must exist. A CUDA
+    device always comes with its index (``torch.cuda.set_device`` refuses a bare ``cuda``)."""
     if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(spec)
     if device.type == "cuda":
         count = torch.cuda.device_count()
         if (device.index or 0) >= count:
             found = f"{count} CUDA device(s)" if count else "no CUDA device"
             raise PipelineError(f"device {spec!r} was asked for, but this machine has {found}; use auto or cpu")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
     return device
 
 

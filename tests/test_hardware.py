@@ -26,5 +26,10 @@ def test_auto_precision_on_the_cpu_follows_native_bf16_support():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_cuda_device_comes_with_its_index():
+    assert resolve_device("auto").index is not None and resolve_device("cuda").index is not None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_auto_precision_on_cuda_is_half():
     assert resolve_precision("auto", torch.device("cuda")) in ("bf16", "fp16")
