@@ -22,7 +22,7 @@ from torchvision.transforms._presets import ImageClassification
 from pipeline.config import ExtractConfig
 from pipeline.errors import PipelineError
 from pipeline.hardware import DTYPES
-from pipeline.sources import IMAGE_ERRORS
+from pipeline.images import IMAGE_ERRORS
 
 log = logging.getLogger(__name__)
 

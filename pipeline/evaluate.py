@@ -20,8 +20,11 @@ from pipeline import features, heads, sources
 from pipeline.config import DataConfig, load_params, to_dict, with_dvc_paths
 from pipeline.errors import PipelineError, run_stage
 from pipeline.files import replaced
+from pipeline.images import IMAGE_ERRORS
 
 log = logging.getLogger(__name__)
+
+THUMB = 128  # contact-sheet tile side, pixels
 
 
 def compute_metrics(
@@ -101,26 +104,26 @@ def worst_classified(probs: np.ndarray, labels: np.ndarray, *, count: int) -> li
 def test_images(cfg: DataConfig, ids: Sequence[str]) -> list[Image.Image | None]:
     """The images of ``ids``, or None for those not at hand: a clone that pulled the features and not the
     images still evaluates (the features already change whenever an image does)."""
-    images: list[Image.Image | None] = []
+    found: list[Image.Image | None] = []
     problem = None
     try:
-        reader = sources.ImageReader(cfg)
+        reader = sources.ImageReader(cfg, reduce_for=THUMB)  # a photo decodes at a fraction of its size
     except PipelineError as err:
         reader, problem = None, err
     for item_id in ids:
         try:
-            images.append(reader(item_id) if reader else None)
-        except (PipelineError, *sources.IMAGE_ERRORS) as err:
-            images.append(None)
+            found.append(reader(item_id) if reader else None)
+        except (PipelineError, *IMAGE_ERRORS) as err:
+            found.append(None)
             problem = problem or err
     if problem:
-        missing = sum(image is None for image in images)
+        missing = sum(image is None for image in found)
         log.warning("the contact sheet shows %d of %d images by id only: %s", missing, len(ids), problem)
-    return images
+    return found
 
 
 def contact_sheet(
-    images: Sequence[Image.Image | None], captions: Sequence[str], *, thumb: int = 128, columns: int = 4
+    images: Sequence[Image.Image | None], captions: Sequence[str], *, thumb: int = THUMB, columns: int = 4
 ) -> Image.Image:
     """A grid of thumbnails, each with its caption underneath; a missing image is a grey tile with its caption."""
     rows = max(1, -(-len(images) // columns))

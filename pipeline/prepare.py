@@ -13,7 +13,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pipeline import sources
+from pipeline import images, sources
 from pipeline.config import DataConfig, load_params, to_dict, with_dvc_paths
 from pipeline.errors import run_stage
 from pipeline.files import replaced
@@ -28,7 +28,7 @@ def find_bad_images(cfg: DataConfig) -> dict[str, str]:
     ids = sources.imagefolder_ids(cfg)
     root = Path(cfg.root)
     with concurrent.futures.ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:
-        problems = pool.map(sources.image_problem, [root / i for i in ids], chunksize=64)
+        problems = pool.map(images.image_problem, [root / i for i in ids], chunksize=64)
         checked = tqdm(problems, total=len(ids), desc="check images", unit="img", dynamic_ncols=True)
         return {i: problem for i, problem in zip(ids, checked, strict=True) if problem}
 

@@ -13,17 +13,17 @@ import json
 import logging
 import pickle
 import unicodedata
-import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 from pipeline.config import DataConfig
 from pipeline.errors import PipelineError
+from pipeline.images import open_image
 
 log = logging.getLogger(__name__)
 
@@ -260,45 +260,6 @@ def _size_and_mtime(path: Path) -> tuple[int, int] | tuple[None, None]:
 # ---------------------------------------------------------------------------- readers
 
 
-# What PIL raises for a file it cannot decode: unidentified or truncated data (OSError), broken chunks
-# (SyntaxError, ValueError, EOFError), and images past its pixel limit.
-IMAGE_ERRORS = (
-    OSError,
-    SyntaxError,
-    ValueError,
-    EOFError,
-    Image.DecompressionBombError,
-    Image.DecompressionBombWarning,
-)
-
-
-def open_image(path: Path) -> Image.Image:
-    """An image file as 8-bit RGB, with its EXIF orientation applied; raises one of IMAGE_ERRORS if unreadable.
-
-    16-bit images are scaled to 8 bits (PIL's own conversion would clip them to white); an image over
-    PIL's pixel limit (``Image.MAX_IMAGE_PIXELS``) is refused as a decompression bomb.
-    """
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(path) as img:
-            img = ImageOps.exif_transpose(img)
-            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-                wide = np.asarray(img, dtype=np.int64)
-                if img.mode != "I" or wide.max() > 255:  # 16-bit samples (PIL reads some 16-bit PNGs as "I")
-                    wide = wide >> 8
-                img = Image.fromarray(wide.clip(0, 255).astype(np.uint8))
-            return img.convert("RGB")
-
-
-def image_problem(path: Path) -> str:
-    """Why ``path`` cannot be used as an image, or "" when it can (decodes it fully)."""
-    try:
-        open_image(path)
-    except IMAGE_ERRORS as err:
-        return f"{type(err).__name__}: {err}"
-    return ""
-
-
 def find_images(paths: Sequence[Path]) -> list[Path]:
     """The image files among ``paths``, with folders searched recursively (hidden files skipped), in order."""
     found: list[Path] = []
@@ -310,9 +271,10 @@ def find_images(paths: Sequence[Path]) -> list[Path]:
 class ImageReader:
     """Opens an item id of one source as an RGB PIL image. Cheap to copy into DataLoader workers."""
 
-    def __init__(self, cfg: DataConfig) -> None:
+    def __init__(self, cfg: DataConfig, reduce_for: int = 0) -> None:
         self.source = cfg.source
         self.root = Path(cfg.root)
+        self.reduce_for = reduce_for  # see open_image
         self._arrays: dict[str, np.ndarray] = {}
         if cfg.source == "digits":
             from sklearn.datasets import load_digits
@@ -326,7 +288,7 @@ class ImageReader:
 
     def __call__(self, item_id: str) -> Image.Image:
         if self.source == "imagefolder":
-            return open_image(self.root / item_id)
+            return open_image(self.root / item_id, self.reduce_for)
         group, index = item_id.split("/")
         return Image.fromarray(self._arrays[group][int(index)]).convert("RGB")
 

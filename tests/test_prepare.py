@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import sources
+from pipeline import images, sources
 from pipeline.config import DataConfig
 from pipeline.errors import PipelineError
 from tests.conftest import color_image, make_imagefolder, run_stage, write_params
@@ -99,7 +99,7 @@ def test_raise_stops_extraction_naming_the_file_and_the_problem(messy: Path):
 
 def test_sixteen_bit_images_are_scaled_not_clipped(tmp_path: Path):
     GOOD["16bit.png"](tmp_path / "x.png")
-    assert np.asarray(sources.open_image(tmp_path / "x.png"))[0, 0].tolist() == [156, 156, 156]  # 40000 >> 8
+    assert np.asarray(images.open_image(tmp_path / "x.png"))[0, 0].tolist() == [156, 156, 156]  # 40000 >> 8
 
 
 @pytest.mark.parametrize(
