@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import difflib
 import re
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ View = Literal["original", "hflip"]
 StorageDtype = Literal["float16", "float32"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 Compression = Literal["none", "lzf"]
+Decode = Literal["fast", "exact"]
 HeadKind = Literal["linear", "mlp", "logreg"]
 Optimizer = Literal["sgd", "adamw"]
 
@@ -66,7 +68,8 @@ class ExtractConfig:
     batch_size: int = _range(64, 1)
     storage_dtype: StorageDtype = "float16"
     device: str = "auto"
-    num_workers: int = _range(2, 0, 64)
+    num_workers: int | Literal["auto"] = _range("auto", 0, 64)  # auto: hardware.decode_workers
+    decode: Decode = "fast"  # fast: large JPEGs decode at a reduced DCT scale (see images.open_image); exact: full
     precision: Precision = "auto"  # auto: bf16 on CPUs with native bf16 and on CUDA (fp16 where bf16 is missing)
     compile: bool = False  # torch.compile the network for a fixed batch shape
     compression: Compression = "none"  # HDF5 filter of the feature datasets
@@ -172,6 +175,13 @@ def _coerce(hint: Any, value: Any, key: str, meta: typing.Mapping[str, Any]) -> 
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, key + ".")
     origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        for arm in typing.get_args(hint):
+            try:
+                return _coerce(arm, value, key, meta)
+            except ConfigError:
+                pass
+        raise bad(" or ".join(_describe(arm, meta) for arm in typing.get_args(hint)))
     if origin is Literal:
         choices = typing.get_args(hint)
         if value not in choices:

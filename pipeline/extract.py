@@ -28,7 +28,7 @@ from pipeline.config import ExtractConfig, Params, load_params, to_dict, with_dv
 from pipeline.distributed import World
 from pipeline.errors import PipelineError, run_stage
 from pipeline.files import replaced
-from pipeline.hardware import resolve_precision
+from pipeline.hardware import decode_workers, resolve_precision
 from pipeline.progress import Progress, Shards, discard_stale, run_key, shard_dir
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,7 @@ def provenance(cfg: ExtractConfig, seed: int, precision: str, prep: backbone.Pre
         "layer": cfg.layer,
         "pool": cfg.pool,
         "image_size": cfg.image_size,
+        "decode": cfg.decode,
         "resize_size": prep.resize_size,
         "interpolation": prep.interpolation,
         "mean": list(prep.mean),
@@ -123,15 +124,17 @@ def extract(params: Params, prepared: Path, out_dir: Path, world: World | None =
     layout = {"dim": base["feature_dim"], "dtype": cfg.storage_dtype, "views": cfg.views}
     start, stop = bounds[world.rank]
     progress = Progress(dirs[world.rank], start=start, stop=stop, **layout)
+    workers = decode_workers(cfg.num_workers, world.local_size)
     log.info(
-        "extracting %s %s (%s weights, %s) on %s (%d threads), %d-d features, images %d to %d of %d",
-        cfg.arch, cfg.layer, cfg.weights, precision, device, torch.get_num_threads(), base["feature_dim"],
+        "extracting %s %s (%s weights, %s) on %s (%d threads, %d decode workers), %d-d features, images %d to %d of %d",
+        cfg.arch, cfg.layer, cfg.weights, precision, device, torch.get_num_threads(), workers, base["feature_dim"],
         start, stop, len(ids),
     )  # fmt: skip
+    reader = sources.ImageReader(params.data, reduce_for=prep.resize_size if cfg.decode == "fast" else 0)
     loader = DataLoader(
-        backbone.Images(ids, sources.ImageReader(params.data), prep),
+        backbone.Images(ids, reader, prep),
         batch_sampler=[b for b in batches if progress.done <= b[0] < stop],  # commits happen on batch boundaries
-        num_workers=cfg.num_workers,
+        num_workers=workers,
         pin_memory=device.type == "cuda",
     )
     step = functools.partial(_forward, forward, device=device, pad_to=cfg.batch_size if cfg.compile else 0)
@@ -148,7 +151,10 @@ def extract(params: Params, prepared: Path, out_dir: Path, world: World | None =
     with replaced(out_dir) as tmp:
         _write_splits(shards, tmp, rows, base, compression=cfg.compression)
     shards.remove()
-    stats = _totals(shares, merge_start, time.time()) | {"processes": world.size}  # the write counts, as np.save
+    stats = _totals(shares, merge_start, time.time())  # the write counts, as np.save's does
+    stats |= {"processes": world.size, "decode_workers": workers}
+    if device.type == "cuda":
+        stats["gpu_peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
     log.info(
         "extracted %d images in %.1f s (%.1f img/s) with %d process(es); the final files took %.1f s",
         stats["images"], stats["seconds"], stats["images_per_second"], world.size, stats["merge_seconds"],
@@ -199,7 +205,7 @@ def _totals(shares: Sequence[dict[str, Any]], merge_start: float, end: float) ->
     """The run's figures from every process's: images summed, seconds from the earliest start to the end."""
     images = sum(s["images"] for s in shares)
     seconds = end - min(s["start"] for s in shares)
-    stats = {"images": images, "seconds": seconds, "images_per_second": images / seconds}
+    stats = {"images": images, "seconds": seconds, "images_per_second": images / seconds, "end": end}
     stats["merge_seconds"] = end - merge_start
     warm = [s for s in shares if s["warm"] and s["images"] > s["warm"][1]]
     if warm:  # after start-up (worker launch, first decode, kernel selection) of each process
@@ -266,7 +272,11 @@ def main() -> None:
         stats = extract(params, args.prepared, args.out, world)
     if stats is None:
         return
-    headline = {"images": stats["images"], "images/s": round(stats["images_per_second"], 2)}
+    headline = {
+        "images": stats["images"],
+        "images/s": round(stats["images_per_second"], 2),
+        "decode_workers": stats["decode_workers"],
+    }
     with replaced(args.metrics) as tmp:
         tmp.write_text(json.dumps(headline, indent=1) + "\n")
     if args.stats:

@@ -31,7 +31,7 @@ SCHEMA = 1
 CHUNK_BYTES = 1 << 20
 
 # What determines the features; train and evaluate compare these against what they were asked to use.
-IDENTITY_KEYS = ("arch", "weights", "layer", "pool", "image_size", "views", "storage_dtype", "class_names")
+IDENTITY_KEYS = ("arch", "weights", "layer", "pool", "image_size", "decode", "views", "storage_dtype", "class_names")
 PROVENANCE_KEYS = IDENTITY_KEYS + (
     "schema",
     "split",
@@ -55,7 +55,7 @@ def split_views(views: Sequence[str], split: str) -> list[str]:
 
 def identity(provenance: Mapping[str, Any]) -> dict[str, Any]:
     """The part of a provenance that determines the features (what must match between files and heads)."""
-    return {key: provenance[key] for key in IDENTITY_KEYS}
+    return {key: provenance.get(key) for key in IDENTITY_KEYS}  # a key older files lack is None: a mismatch
 
 
 def dataset_name(view: str) -> str:

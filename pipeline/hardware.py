@@ -1,6 +1,9 @@
-"""Where tensors run: the device named by ``extract.device`` / ``train.device``."""
+"""Where work runs: the device named by ``extract.device`` / ``train.device``, its precision, and the decode
+processes beside it."""
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -38,3 +41,18 @@ def resolve_precision(spec: str, device: torch.device) -> str:
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
     return "bf16" if native_bf16_cpu() else "fp32"
+
+
+MIN_DECODE_WORKERS = 2
+MAX_DECODE_WORKERS = 32  # past this, a process's decode workers cost memory and start-up for no throughput
+
+
+def decode_workers(spec: int | str, processes: int = 1) -> int:
+    """DataLoader workers for one of ``processes`` extraction processes on this machine. ``auto``: its share of
+    the cores this process may use, less one for the process itself (which feeds the GPU, or runs the network on
+    the CPU), at least 2 and at most MAX_DECODE_WORKERS. Two at least: where the network shares the cores with
+    decoding (a CPU run), one worker is descheduled as often as not, and the network waits for its batch."""
+    if spec != "auto":
+        return int(spec)
+    share = len(os.sched_getaffinity(0)) // max(1, processes)
+    return max(MIN_DECODE_WORKERS, min(share - 1, MAX_DECODE_WORKERS))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import logging
 import sys
 from collections.abc import Sequence
@@ -21,7 +22,8 @@ from torch.utils.data import DataLoader
 from pipeline import backbone, heads, sources
 from pipeline.config import load_params, with_dvc_paths
 from pipeline.errors import PipelineError, run_stage
-from pipeline.hardware import resolve_device
+from pipeline.hardware import decode_workers, resolve_device
+from pipeline.images import open_image
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +47,15 @@ def predict(
     device: torch.device,
     batch_size: int = 64,
     num_workers: int = 2,
+    decode: str = "exact",
 ) -> list[Prediction]:
-    """Top-k classes for each image, batched through the same uint8 crop + on-device path as extraction."""
+    """Top-k classes for each image, batched through the same decode, uint8 crop and on-device path as
+    extraction (``decode`` as the features were made)."""
     extractor = extractor.to(device, memory_format=torch.channels_last)
     head = head.to(device).eval()
+    reduce_for = prep.resize_size if decode == "fast" else 0
     loader = DataLoader(
-        backbone.Images(list(paths), sources.open_image, prep),
+        backbone.Images(list(paths), functools.partial(open_image, reduce_for=reduce_for), prep),
         batch_size=batch_size,
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
@@ -114,7 +119,8 @@ def main() -> None:
     device = resolve_device(params.extract.device)
     predictions = predict(
         paths, extractor, head, prep, class_names=class_names, top_k=top_k, device=device,
-        batch_size=params.extract.batch_size, num_workers=params.extract.num_workers,
+        batch_size=params.extract.batch_size, num_workers=decode_workers(params.extract.num_workers),
+        decode=spec["provenance"].get("decode", "exact"),  # heads from before extract.decode saw full decodes
     )  # fmt: skip
     print(format_table(predictions))
     failed = sum(bool(p.error) for p in predictions)

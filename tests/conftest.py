@@ -171,6 +171,7 @@ def feature_provenance(**changes: object) -> dict:
         "layer": "pool5",
         "pool": "avg",
         "image_size": 32,
+        "decode": "fast",
         "resize_size": 37,
         "interpolation": "bilinear",
         "mean": [0.485, 0.456, 0.406],

@@ -28,6 +28,11 @@ def test_shipped_params_parse_and_match_the_defaults():
     assert parse_params({}) == params
 
 
+def test_num_workers_is_auto_or_a_count():
+    assert parse_params({}).extract.num_workers == "auto"
+    assert parse_params(with_change("extract", "num_workers", 0)).extract.num_workers == 0
+
+
 def test_params_are_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         Params().seed = 3  # type: ignore[misc]
@@ -55,6 +60,9 @@ def test_params_are_frozen():
         (with_change("train", "hidden", [512, "x"]), ["train.hidden[1]", "'x'", "an integer"]),
         (with_change("train", "logreg_C", []), ["train.logreg_C", "non-empty"]),
         ({"data": [1, 2]}, ["data", "a mapping"]),
+        (with_change("extract", "num_workers", "many"), ["extract.num_workers", "an integer in [0, 64] or auto"]),
+        (with_change("extract", "num_workers", 65), ["extract.num_workers", "65", "[0, 64] or auto"]),
+        (with_change("extract", "decode", "turbo"), ["extract.decode", "'turbo'", "fast | exact"]),
     ],
 )
 def test_bad_parameters_name_key_value_and_what_is_allowed(raw, expected):

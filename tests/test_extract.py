@@ -9,7 +9,9 @@ import pytest
 import torch
 import torchvision
 
+from bench.images import make_jpegs
 from pipeline import backbone, features, sources
+from pipeline import extract as extract_module
 from pipeline.config import parse_params
 from pipeline.errors import PipelineError
 from pipeline.extract import extract, split_batches
@@ -76,14 +78,20 @@ def read_split(path: Path) -> tuple[np.ndarray, dict]:
         return f["features"][:], {"compression": f["features"].compression}
 
 
-def test_precision_is_recorded_and_bf16_stays_close_to_fp32(tmp_path: Path, imagefolder: Path):
-    data = {"source": "imagefolder", "root": str(imagefolder)}
+def extract_each(tmp_path: Path, data: dict, key: str, values: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """One extraction per value of ``extract.<key>`` (float32 storage): each run's train features, once its
+    files are checked to record that value."""
     runs = {}
-    for precision in ("fp32", "bf16"):
-        params, _, _ = prepare(tmp_path, data, {"precision": precision, "storage_dtype": "float32"})
-        extract(params, tmp_path / "prepared", tmp_path / precision)
-        runs[precision], _ = read_split(tmp_path / precision / "train.h5")
-        assert features.read_provenance(tmp_path / precision / "train.h5")["precision"] == precision
+    for value in values:
+        params, _, _ = prepare(tmp_path, data, {key: value, "storage_dtype": "float32"})
+        extract(params, tmp_path / "prepared", tmp_path / value)
+        runs[value], _ = read_split(tmp_path / value / "train.h5")
+        assert features.read_provenance(tmp_path / value / "test.h5")[key] == value
+    return runs
+
+
+def test_precision_is_recorded_and_bf16_stays_close_to_fp32(tmp_path: Path, imagefolder: Path):
+    runs = extract_each(tmp_path, {"source": "imagefolder", "root": str(imagefolder)}, "precision", ("fp32", "bf16"))
     scale = np.abs(runs["fp32"]).max()
     np.testing.assert_allclose(runs["bf16"], runs["fp32"], atol=0.05 * scale)
     assert not np.array_equal(runs["bf16"], runs["fp32"])
@@ -119,3 +127,37 @@ def test_non_finite_features_stop_extraction_and_leave_no_file(tmp_path: Path, i
     with pytest.raises(PipelineError, match="non-finite features"):
         extract(params, tmp_path / "prepared", tmp_path / "features")
     assert not (tmp_path / "features").exists()
+
+
+def digests(out: Path) -> list[str]:
+    return [hashlib.sha256((out / f"{s}.h5").read_bytes()).hexdigest() for s in sources.SPLITS]
+
+
+def test_decode_is_in_the_provenance_and_the_run_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Photos large enough to reduce (300x225 for a 37 px resize): fast and exact features differ a little, and the
+    work files an interrupted fast run kept are never resumed by an exact run."""
+    root = make_jpegs(tmp_path / "photos", 24, classes=2, size=(300, 225))
+    data = {"source": "imagefolder", "root": str(root)}
+    out = extract_each(tmp_path, data, "decode", ("fast", "exact"))
+    assert not np.array_equal(out["fast"], out["exact"])
+    np.testing.assert_allclose(out["fast"], out["exact"], rtol=0.05, atol=0.05 * np.abs(out["exact"]).max())
+
+    calls = 0
+
+    def stop_after_one_batch(*args, **kwargs):
+        nonlocal calls
+        calls += 1
+        if calls > 1:
+            raise KeyboardInterrupt
+        return forward(*args, **kwargs)
+
+    forward = extract_module._forward
+    params, _, _ = prepare(tmp_path, data, {"decode": "fast", "storage_dtype": "float32"})
+    monkeypatch.setattr(extract_module, "_forward", stop_after_one_batch)
+    with pytest.raises(KeyboardInterrupt):
+        extract(params, tmp_path / "prepared", tmp_path / "features")
+    assert any((tmp_path / extract_module.PROGRESS_DIR).iterdir())  # a batch of fast rows was kept
+    monkeypatch.setattr(extract_module, "_forward", forward)
+    params, _, _ = prepare(tmp_path, data, {"decode": "exact", "storage_dtype": "float32"})
+    extract(params, tmp_path / "prepared", tmp_path / "features")
+    assert digests(tmp_path / "features") == digests(tmp_path / "exact")

@@ -3,8 +3,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from pipeline import hardware
 from pipeline.errors import PipelineError
-from pipeline.hardware import native_bf16_cpu, resolve_device, resolve_precision
+from pipeline.hardware import decode_workers, native_bf16_cpu, resolve_device, resolve_precision
 
 CPU = torch.device("cpu")
 
@@ -33,3 +34,13 @@ def test_a_cuda_device_comes_with_its_index():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_auto_precision_on_cuda_is_half():
     assert resolve_precision("auto", torch.device("cuda")) in ("bf16", "fp16")
+
+
+@pytest.mark.parametrize(
+    ("cores", "processes", "workers"),
+    [(2, 1, 2), (4, 1, 3), (16, 1, 15), (16, 2, 7), (16, 8, 2), (16, 32, 2), (128, 1, hardware.MAX_DECODE_WORKERS)],
+)
+def test_auto_decode_workers_are_a_share_of_the_cores_less_one_at_least_two(monkeypatch, cores, processes, workers):
+    monkeypatch.setattr(hardware.os, "sched_getaffinity", lambda _pid: set(range(cores)))
+    assert decode_workers("auto", processes) == workers
+    assert decode_workers(3, processes) == 3 and decode_workers(0, processes) == 0
