@@ -28,10 +28,10 @@ endif
 	PATH="$(abspath $(BIN)):$$PATH" dvc metrics show
 
 test: install
-	$(BIN)/ruff check pipeline tests
-	$(BIN)/ruff format --check pipeline tests
+	$(BIN)/ruff check pipeline tests bench
+	$(BIN)/ruff format --check pipeline tests bench
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest
 
 lint: install
-	$(BIN)/ruff check --fix pipeline tests
-	$(BIN)/ruff format pipeline tests
+	$(BIN)/ruff check --fix pipeline tests bench
+	$(BIN)/ruff format pipeline tests bench

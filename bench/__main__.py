@@ -27,6 +27,7 @@ from typing import Any
 
 import yaml
 
+from bench import photos
 from bench.images import make_jpegs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,10 +40,14 @@ class Sizes:
     memory_n: int  # N for the memory test (10·N is the large run)
     dvc_images: int
     epochs: int  # cached head epochs to time (median)
+    photos: int  # 12 MP photos (and as many 500x375 JPEGs) for bench.photos
+    photo_rounds: int
 
 
-FULL = Sizes(throughput={64: 1000, 224: 240}, memory_n=250, dvc_images=10000, epochs=5)
-QUICK = Sizes(throughput={64: 48, 224: 40}, memory_n=40, dvc_images=48, epochs=2)  # 40: enough for a 4-class split
+FULL = Sizes(throughput={64: 1000, 224: 240}, memory_n=250, dvc_images=10000, epochs=5, photos=160, photo_rounds=3)
+QUICK = Sizes(  # 40: enough for a 4-class split
+    throughput={64: 48, 224: 40}, memory_n=40, dvc_images=48, epochs=2, photos=40, photo_rounds=1
+)
 
 
 def measured(cmd: list[str], cwd: Path) -> tuple[float, float]:
@@ -219,6 +224,8 @@ def run(sizes: Sizes, work: Path) -> dict[str, Any]:
             "ceiling": ceiling(work, size, precision, batch),
             "ceiling_fp32": ceiling(work, size, "fp32", batch),
         }
+    print(f"12 MP photos against 500x375 JPEGs, {sizes.photo_rounds} rounds ...", flush=True)
+    report["photos"] = photos.run(work / "photos", sizes.photos, sizes.photo_rounds)
     print("peak memory at N and 10N ...", flush=True)
     # flattened pool3 maps: 16,384 values per image, where a dataset's features outgrow the process
     memory: dict[str, Any] = {"layer": "pool3", "pool": "flatten", "image_size": 64}
@@ -264,7 +271,7 @@ def checks(report: dict[str, Any], sizes: Sizes) -> dict[str, dict[str, Any]]:
             report["head_epoch"]["recompute_epoch_s"] / report["head_epoch"]["cached_epoch_s"], 200.0
         ),
         "lr_edit_over_full_repro": check(report["dvc"]["after_lr_edit_s"] / report["dvc"]["full_s"], 0.05, False),
-    }
+    } | report["photos"]["checks"]
 
 
 def markdown(report: dict[str, Any], sizes: Sizes) -> str:
@@ -286,6 +293,7 @@ def markdown(report: dict[str, Any], sizes: Sizes) -> str:
             f"| {size} | {sizes.throughput[int(size)]} | {p:.1f} | {t['pipeline_fp32']['images_per_s']:.1f} | {c:.1f} "
             f"| {ceil:.1f} | {t['ceiling_fp32']['images_per_s']:.1f} | {p / c:.2f}x | {p / ceil:.0%} |"
         )
+    lines += ["", *photos.markdown(report["photos"])]
     mem = report["memory"]
     n, n10 = sizes.memory_n, 10 * sizes.memory_n
     lines += [

@@ -15,13 +15,13 @@ import torch
 
 from pipeline.backbone import build_extractor
 from pipeline.config import ExtractConfig
-from pipeline.hardware import resolve_device
+from pipeline.hardware import resolve_device, resolve_precision
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--precision", default="fp32")
+    parser.add_argument("--precision", default="fp32", help="fp32 | bf16 | fp16 | auto")
     parser.add_argument("--layer", default="pool5")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default="auto")
@@ -31,7 +31,7 @@ def main() -> None:
 
     cfg = ExtractConfig(weights="random", layer=args.layer, image_size=args.image_size)
     device = resolve_device(args.device)
-    model, _, _ = build_extractor(cfg, 0, args.precision)
+    model, _, _ = build_extractor(cfg, 0, resolve_precision(args.precision, device))
     model = model.to(device, memory_format=torch.channels_last)
     size = (args.batch_size, 3, args.image_size, args.image_size)
     images = torch.randint(0, 256, size, dtype=torch.uint8, device=device).contiguous(memory_format=torch.channels_last)
