@@ -13,7 +13,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,31 @@ def split_batches(sizes: Sequence[int], batch_size: int) -> list[list[int]]:
         ]
         offset += size
     return batches
+
+
+def pieces(batches: Sequence[Sequence[int]], workers: int) -> list[list[int]]:
+    """Each batch cut into one piece per decode worker, so that every worker decodes a share of every batch: the
+    first batch is ready after batch_size / workers decodes, not batch_size, and a run of few batches keeps every
+    worker busy. The network still sees the whole batches (see _joined), so the features do not change."""
+    out = []
+    for batch in batches:
+        size = -(-len(batch) // max(1, workers))
+        out += [list(batch[i : i + size]) for i in range(0, len(batch), size)]
+    return out
+
+
+def _joined(loader: Iterable[Any], batches: Sequence[Sequence[int]]) -> Iterator[tuple[list[torch.Tensor], Any, list]]:
+    """The loader's pieces, in order, joined back into ``batches``: (image pieces, row indices, errors)."""
+    pieces_in = iter(loader)
+    for batch in batches:
+        images, index, errors, n = [], [], [], 0
+        while n < len(batch):
+            piece, rows, problems = next(pieces_in)
+            images.append(piece)
+            index.append(rows)
+            errors += problems
+            n += len(rows)
+        yield images, torch.cat(index), errors
 
 
 def provenance(cfg: ExtractConfig, seed: int, precision: str, prep: backbone.Preprocessing) -> dict[str, Any]:
@@ -131,14 +156,16 @@ def extract(params: Params, prepared: Path, out_dir: Path, world: World | None =
         start, stop, len(ids),
     )  # fmt: skip
     reader = sources.ImageReader(params.data, reduce_for=prep.resize_size if cfg.decode == "fast" else 0)
+    todo = [b for b in batches if progress.done <= b[0] < stop]  # commits happen on batch boundaries
     loader = DataLoader(
         backbone.Images(ids, reader, prep),
-        batch_sampler=[b for b in batches if progress.done <= b[0] < stop],  # commits happen on batch boundaries
+        batch_sampler=pieces(todo, workers),
         num_workers=workers,
+        prefetch_factor=2 * workers if workers else None,  # two whole batches a worker ahead, as without pieces
         pin_memory=device.type == "cuda",
     )
     step = functools.partial(_forward, forward, device=device, pad_to=cfg.batch_size if cfg.compile else 0)
-    mine = _extract_shard(step, loader, progress, ordered, views=cfg.views, bar=world.main)
+    mine = _extract_shard(step, _joined(loader, todo), progress, ordered, views=cfg.views, bar=world.main)
     if not world.main:
         progress.close()  # rank 0 reads it from here
         log.info("extracted %d images in %.1f s; waiting for the other processes", mine["images"], mine["seconds"])
@@ -163,8 +190,8 @@ def extract(params: Params, prepared: Path, out_dir: Path, world: World | None =
 
 
 def _extract_shard(
-    step: Callable[[torch.Tensor, Sequence[str]], dict[str, np.ndarray]],
-    loader: DataLoader,
+    step: Callable[[list[torch.Tensor], Sequence[str]], dict[str, np.ndarray]],
+    loader: Iterable[tuple[list[torch.Tensor], torch.Tensor, list[str]]],
     progress: Progress,
     ordered: Sequence[sources.Item],
     *,
@@ -237,11 +264,13 @@ def _write_splits(
 
 
 def _forward(
-    model: torch.nn.Module, images: torch.Tensor, views: Sequence[str], *, device: torch.device, pad_to: int
+    model: torch.nn.Module, pieces: list[torch.Tensor], views: Sequence[str], *, device: torch.device, pad_to: int
 ) -> dict[str, np.ndarray]:
-    """Features of one uint8 batch for each view, as float32 numpy; zero-pads to ``pad_to`` rows for a fixed shape."""
+    """Features of one uint8 batch, given in pieces, for each view, as float32 numpy; zero-pads to ``pad_to`` rows
+    for a fixed shape. The pieces are joined on the device, after their (pinned, asynchronous) copies."""
+    images = torch.cat([p.to(device, non_blocking=True) for p in pieces])
     n = len(images)
-    images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+    images = images.contiguous(memory_format=torch.channels_last)
     if n < pad_to:
         images = torch.cat([images, images.new_zeros(pad_to - n, *images.shape[1:])])
     out = {"original": model(images)[:n]}

@@ -14,7 +14,7 @@ from pipeline import backbone, features, sources
 from pipeline import extract as extract_module
 from pipeline.config import parse_params
 from pipeline.errors import PipelineError
-from pipeline.extract import extract, split_batches
+from pipeline.extract import extract, pieces, split_batches
 from tests.conftest import make_cifar
 
 FAST = {"arch": "vgg11", "weights": "random", "image_size": 32, "batch_size": 8, "num_workers": 0, "precision": "fp32"}
@@ -71,6 +71,12 @@ def test_two_runs_give_byte_identical_files(tmp_path: Path, imagefolder: Path):
 
 def test_batches_never_straddle_two_splits():
     assert split_batches([5, 0, 3], 2) == [[0, 1], [2, 3], [4], [5, 6], [7]]
+
+
+def test_every_decode_worker_takes_a_piece_of_every_batch():
+    batches = split_batches([10, 3], 8)
+    assert pieces(batches, 3) == [[0, 1, 2], [3, 4, 5], [6, 7], [8], [9], [10], [11], [12]]
+    assert pieces(batches, 0) == pieces(batches, 1) == batches
 
 
 def read_split(path: Path) -> tuple[np.ndarray, dict]:
