@@ -75,6 +75,18 @@ def subset(images: Path, n: int, work: Path) -> Path:
     return root
 
 
+def save_report(out: Path | None, quick: bool, name: str, text: str, report: dict[str, Any]) -> Path:
+    """Print ``text`` and write it and ``report`` as ``name``.md and .json to ``out`` (default: bench/results, or
+    a temporary directory for a --quick run); returns the Markdown file."""
+    print(text)
+    out = out or (Path(tempfile.mkdtemp()) if quick else REPO / "bench" / "results")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.md").write_text(text)
+    (out / f"{name}.json").write_text(json.dumps(report, indent=1) + "\n")
+    print(f"report: {out / name}.md")
+    return out / f"{name}.md"
+
+
 def params_for(root: Path, extract: dict[str, Any], train: dict[str, Any] | None = None) -> dict[str, Any]:
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["data"].update(source="imagefolder", root=str(root))

@@ -16,7 +16,6 @@ predictions as sensitive to small input changes as they get.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -98,6 +97,8 @@ def markdown(r: dict[str, Any]) -> str:
 
 
 def main() -> None:
+    from bench.__main__ import save_report
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--photos", type=int, default=240)
     parser.add_argument("--quick", action="store_true", help="40 photos at 64 px, report in a temp dir")
@@ -107,12 +108,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-fidelity-") as tmp:
         report = run(Path(tmp), n, size)
     text = markdown(report)
-    print(text)
-    out = args.out or (Path(tempfile.mkdtemp()) if args.quick else Path(__file__).parent / "results")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "fidelity-cpu.md").write_text(text)
-    (out / "fidelity-cpu.json").write_text(json.dumps(report, indent=1) + "\n")
-    print(f"report: {out / 'fidelity-cpu.md'}")
+    save_report(args.out, args.quick, "fidelity-cpu", text, report)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Camera photos against ImageNet-sized JPEGs: extraction throughput from 12-megapixel files, before and after
 reduce-on-decode, on the same network in the same run.
 
-    python -m bench.photos                  # 160 photos and 160 500x375 JPEGs at 224 px, three rounds
+    python -m bench.photos                  # 320 photos and 320 500x375 JPEGs at 224 px, three rounds
     python -m bench.photos --quick          # a smoke run
 
 Four variants alternate, each round starting one further along, so that drift on a shared machine and the
@@ -16,7 +16,6 @@ The report gives each variant's median images/s after the first batch, and the r
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 from pathlib import Path
@@ -77,25 +76,22 @@ def markdown(report: dict[str, Any]) -> list[str]:
 
 
 def main() -> None:
+    from bench.__main__ import save_report
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="8 images of each, one round")
-    parser.add_argument("--images", type=int, default=160)
+    parser.add_argument("--quick", action="store_true", help="40 images of each, one round, temporary report")
+    parser.add_argument("--images", type=int, default=320)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", type=Path, help="report directory (default: bench/results; --quick: a temp dir)")
     args = parser.parse_args()
-    n, rounds = (8, 1) if args.quick else (args.images, args.rounds)
+    n, rounds = (40, 1) if args.quick else (args.images, args.rounds)
     with tempfile.TemporaryDirectory(prefix="bench-photos-") as tmp:
         report = run(Path(tmp), n, rounds)
     checks = ["", "| check | measured | target | met |", "| --- | --- | --- | --- |"]
     checks += [f"| {k} | {c['value']} | >= {c['target']} | {'yes' if c['met'] else '**no**'} |"
                for k, c in report["checks"].items()]  # fmt: skip
     text = "\n".join(["# Benchmark: camera photos", "", *markdown(report), *checks]) + "\n"
-    print(text)
-    out = args.out or (Path(tempfile.mkdtemp()) if args.quick else Path(__file__).parent / "results")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "photos-cpu.md").write_text(text)
-    (out / "photos-cpu.json").write_text(json.dumps(report, indent=1) + "\n")
-    print(f"report: {out / 'photos-cpu.md'}")
+    save_report(args.out, args.quick, "photos-cpu", text, report)
 
 
 if __name__ == "__main__":
