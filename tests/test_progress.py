@@ -106,7 +106,7 @@ def test_ctrl_c_stops_within_seconds_and_a_changed_parameter_discards_the_progre
     proc.send_signal(signal.SIGINT)
     start = time.monotonic()
     _, stderr = proc.communicate(timeout=30)
-    assert time.monotonic() - start < 5
+    assert time.monotonic() - start < 5, f"stopped {time.monotonic() - start:.1f} s after Ctrl-C:\n{stderr}"
     assert proc.returncode == 130 and stderr.strip().splitlines()[-1] == "interrupted"
     assert "run again to continue" in stderr and rows_done(prepared) > 0
 
