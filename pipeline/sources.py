@@ -21,13 +21,14 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from pipeline import splits
 from pipeline.config import DataConfig
 from pipeline.errors import PipelineError
 from pipeline.images import open_image
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
+SPLITS = splits.SPLITS
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 MANIFEST = "manifest.csv"
 CLASSES = "classes.json"
@@ -51,13 +52,13 @@ def discover(cfg: DataConfig, seed: int, exclude: frozenset[str] = frozenset()) 
     """
     if cfg.source == "digits":
         ids, labels, classes = _digits_items()
-        items = _split(ids, labels, cfg, seed)
+        items = _split(ids, labels, classes, cfg, seed)
     elif cfg.source == "cifar10":
         items, classes = _cifar_items(cfg, seed)
     else:
         items, classes = _imagefolder_items(cfg, seed, exclude)
     if cfg.per_class_limit:
-        items = limit_per_class(items, cfg.per_class_limit, seed)
+        items = limit_per_class(items, classes, cfg.per_class_limit, seed)
     return items, classes
 
 
@@ -68,46 +69,18 @@ def _digits_items() -> tuple[list[str], list[int], list[str]]:
     return [f"digits/{i:04d}" for i in range(len(target))], target.tolist(), [str(d) for d in range(10)]
 
 
-def _split(ids: Sequence[str], labels: Sequence[int], cfg: DataConfig, seed: int) -> list[Item]:
-    """Stratified train/val/test split of one pool of items, reproducible from ``seed``."""
-    splits = split_stratified(labels, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=seed)
-    return [Item(i, lab, s) for i, lab, s in zip(ids, labels, splits, strict=True)]
+def _split(ids: Sequence[str], labels: Sequence[int], classes: Sequence[str], cfg: DataConfig, seed: int) -> list[Item]:
+    """Train/val/test of one pool of items, each image's split from its id, class and ``seed`` (pipeline.splits)."""
+    names = [classes[lab] for lab in labels]
+    assigned = splits.assign(ids, names, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=seed)
+    return [Item(i, lab, s) for i, lab, s in zip(ids, labels, assigned, strict=True)]
 
 
-def split_stratified(labels: Sequence[int], *, val_fraction: float, test_fraction: float, seed: int) -> list[str]:
-    """Assign each position to train, val or test, stratified by label."""
-    from sklearn.model_selection import train_test_split
-
-    index = np.arange(len(labels))
-    y = np.asarray(labels)
-    splits = np.full(len(labels), "train", dtype=object)
-    try:
-        rest, test = index, index[:0]
-        if test_fraction > 0:
-            rest, test = train_test_split(index, test_size=test_fraction, stratify=y, random_state=seed)
-        val_share = val_fraction / (1 - test_fraction)
-        _, val = train_test_split(rest, test_size=val_share, stratify=y[rest], random_state=seed)
-    except ValueError as err:
-        counts = np.bincount(y)
-        raise PipelineError(
-            f"cannot split {len(y)} images into train/val/test by class ({err}); smallest class has "
-            f"{counts[counts > 0].min()} images. Add images, or give explicit train/ val/ test/ folders"
-        ) from None
-    splits[test] = "test"
-    splits[val] = "val"
-    return splits.tolist()
-
-
-def limit_per_class(items: list[Item], limit: int, seed: int) -> list[Item]:
-    """Keep ``limit`` training items per class, chosen by ``seed``; val and test are untouched."""
-    rng = np.random.default_rng(seed)
-    keep: set[str] = set()
-    by_class: dict[int, list[str]] = {}
-    for item in items:
-        if item.split == "train":
-            by_class.setdefault(item.label, []).append(item.id)
-    for ids in by_class.values():
-        keep.update(ids if len(ids) <= limit else rng.choice(ids, size=limit, replace=False).tolist())
+def limit_per_class(items: list[Item], classes: Sequence[str], limit: int, seed: int) -> list[Item]:
+    """Keep ``limit`` training items per class, chosen by ``seed`` and stable as images are added; val and test
+    are untouched."""
+    train = [it for it in items if it.split == "train"]
+    keep = splits.keep_per_class([it.id for it in train], [classes[it.label] for it in train], limit, seed)
     return [it for it in items if it.split != "train" or it.id in keep]
 
 
@@ -165,12 +138,13 @@ def _imagefolder_items(cfg: DataConfig, seed: int, exclude: frozenset[str]) -> t
     if len(classes) < 2:
         raise PipelineError(f"only one class ({classes[0]!r}) under {cfg.root}: a classifier needs at least two")
     if "" in kept:
-        items = _split(*kept[""], cfg, seed)
+        items = _split(*kept[""], classes, cfg, seed)
     else:
         carve = {"val": cfg.val_fraction, "test": cfg.test_fraction}
         missing = {s for s in carve if s not in kept}
         if missing:  # carve the missing splits out of train, stratified
-            cut = _split(*kept["train"], DataConfig(val_fraction=carve["val"], test_fraction=carve["test"]), seed)
+            carved = DataConfig(val_fraction=carve["val"], test_fraction=carve["test"])
+            cut = _split(*kept["train"], classes, carved, seed)
             items = [Item(it.id, it.label, it.split if it.split in missing else "train") for it in cut]
         else:
             items = [Item(i, lab, "train") for i, lab in zip(*kept["train"], strict=True)]
@@ -208,8 +182,8 @@ def _cifar_items(cfg: DataConfig, seed: int) -> tuple[list[Item], list[str]]:
     test_labels = _cifar_batch(root, "test_batch")[1]
     train_ids = [f"train/{i:05d}" for i in range(len(train_labels))]
     # CIFAR-10 has an official test set; validation comes out of its training set
-    splits = split_stratified(train_labels.tolist(), val_fraction=cfg.val_fraction, test_fraction=0.0, seed=seed)
-    items = [Item(i, int(lab), s) for i, lab, s in zip(train_ids, train_labels, splits, strict=True)]
+    carved = DataConfig(val_fraction=cfg.val_fraction, test_fraction=0.0)
+    items = _split(train_ids, train_labels.tolist(), classes, carved, seed)
     items += [Item(f"test/{i:05d}", int(lab), "test") for i, lab in enumerate(test_labels)]
     return items, classes
 

@@ -57,11 +57,23 @@ def test_image_size_edit_reruns_extract_and_what_follows(imagefolder_project: Pa
     assert repro(imagefolder_project) == ["extract", "train", "evaluate"]
 
 
-def test_an_added_or_changed_image_reruns_prepare_and_what_follows(imagefolder_project: Path):
+def manifest(project: Path) -> dict[str, str]:
+    lines = (project / "data" / "prepared" / "manifest.csv").read_text().splitlines()[1:]
+    return {line.rsplit(",", 2)[0]: line.rsplit(",", 2)[1] for line in lines}
+
+
+def test_added_and_changed_images_rerun_prepare_and_what_follows_and_no_image_changes_split(
+    imagefolder_project: Path,
+):
+    before = manifest(imagefolder_project)
     root = imagefolder_project / "data" / "raw"
-    color_image(np.random.default_rng(5), 1).save(root / "dog" / "new.png")
+    rng = np.random.default_rng(5)
+    for k, name in enumerate(("cat", "dog", "owl") * 3):  # 9 more images: 30% more
+        color_image(rng, k % 3).save(root / name / f"new{k}.png")
     color_image(np.random.default_rng(6), 2).save(root / "dog" / "000.png")  # same name, new pixels
     assert repro(imagefolder_project) == list(STAGES)
+    after = manifest(imagefolder_project)
+    assert len(after) == len(before) + 9 and all(after[i] == split for i, split in before.items())
 
 
 def test_digits_pipeline_end_to_end_with_metrics_and_plots(project: Path):

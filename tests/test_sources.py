@@ -18,13 +18,14 @@ def counts(items: list[sources.Item]) -> collections.Counter:
     return collections.Counter(it.split for it in items)
 
 
-def test_digits_are_the_bundled_1797_images_split_stratified():
+def test_digits_are_the_bundled_1797_images_split_by_fraction():
     items, classes = sources.discover(DataConfig(), seed=0)
     assert classes == [str(d) for d in range(10)]
     assert len(items) == 1797 and len({it.id for it in items}) == 1797
-    assert counts(items) == {"train": 1257, "val": 180, "test": 360}
+    n = counts(items)  # binomial: standard deviations of 17 (test) and 13 (val) images
+    assert abs(n["test"] - 359) < 3 * 17 and abs(n["val"] - 180) < 3 * 13
     test_labels = collections.Counter(it.label for it in items if it.split == "test")
-    assert min(test_labels.values()) >= 35  # every digit is in the test split, about equally
+    assert min(test_labels.values()) >= 20  # every digit is in the test split
     image = sources.ImageReader(DataConfig())(items[0].id)
     assert image.mode == "RGB" and image.size == (8, 8)
 
@@ -40,7 +41,7 @@ def test_imagefolder_without_split_folders_is_split_by_fraction(imagefolder: Pat
     cfg = DataConfig(source="imagefolder", root=str(imagefolder), val_fraction=0.2, test_fraction=0.2)
     items, classes = sources.discover(cfg, seed=0)
     assert classes == ["cat", "dog"]
-    assert counts(items) == {"train": 12, "val": 4, "test": 4}
+    assert len(items) == 20 and all(n >= 2 for n in counts(items).values())  # each class in each split
     assert {it.id.split("/")[0] for it in items} == {"cat", "dog"}
     assert all(it.label == classes.index(it.id.split("/")[0]) for it in items)
 
@@ -52,7 +53,8 @@ def test_imagefolder_uses_its_own_split_folders_and_carves_a_missing_one(tmp_pat
     cfg = DataConfig(source="imagefolder", root=str(root), val_fraction=0.2, test_fraction=0.2)
     items, classes = sources.discover(cfg, seed=0)
     assert classes == ["cat", "dog"]
-    assert counts(items) == {"train": 16, "val": 4, "test": 6}
+    n = counts(items)
+    assert n["test"] == 6 and n["train"] + n["val"] == 20 and n["val"] >= 2  # val only out of train/
     assert all(it.id.startswith("test/") for it in items if it.split == "test")
     assert all(it.id.startswith("train/") for it in items if it.split == "val")
 
@@ -95,7 +97,8 @@ def test_per_class_limit_keeps_n_training_images_per_class_only(imagefolder: Pat
     items, _ = sources.discover(cfg, seed=0)
     train = collections.Counter(it.label for it in items if it.split == "train")
     assert train == {0: 2, 1: 2}
-    assert counts(items)["val"] == 4 and counts(items)["test"] == 4
+    whole, _ = sources.discover(DataConfig(source="imagefolder", root=str(imagefolder), val_fraction=0.2), seed=0)
+    assert [it for it in items if it.split != "train"] == [it for it in whole if it.split != "train"]
 
 
 def test_cifar10_reads_the_official_layout(tmp_path: Path):
@@ -103,7 +106,8 @@ def test_cifar10_reads_the_official_layout(tmp_path: Path):
     cfg = DataConfig(source="cifar10", root=str(root), val_fraction=0.2)
     items, classes = sources.discover(cfg, seed=0)
     assert classes[:2] == ["airplane", "automobile"] and len(classes) == 10
-    assert counts(items) == {"train": 80, "val": 20, "test": 20}  # val from train; test is the official batch
+    n = counts(items)  # val from train; test is the official batch
+    assert n["test"] == 20 and n["train"] + n["val"] == 100 and n["val"] >= 10
     assert all(it.id.startswith("test/") for it in items if it.split == "test")
     reader = sources.ImageReader(cfg)
     image = reader("train/00021")  # second batch, second image

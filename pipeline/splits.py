@@ -1,0 +1,65 @@
+"""Stable train/val/test splits: an image's split depends on its id, its class and the seed, never on which other
+images exist, so a growing folder keeps last week's test images in test.
+
+Each image gets a number u in [0, 1): the first 8 bytes of a BLAKE2b hash of its class name and id, keyed by the
+seed. It goes to test when u < test_fraction, to val when u < test_fraction + val_fraction, and to train
+otherwise. Adding or removing images changes no other image's u, so it moves no other image. Per class the
+shares approach the fractions as the class grows (the count in a split is binomial: n·f ± sqrt(n·f·(1 - f))).
+
+Small classes: a class with at least one image per split (3 when both fractions are above 0) always has one in
+each. Where no image of the class hashes into a split, its train image with the smallest u is moved there. Such
+a stand-in is the one exception to "never moves": it goes back to train once the class gets an image that
+hashes into that split by itself. With the default fractions that happens only to classes of a few dozen
+images or fewer (no test image among 30 has a chance of 0.8^30 = 0.1%).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+from pipeline.errors import PipelineError
+
+SPLITS = ("train", "val", "test")
+
+
+def position(class_name: str, item_id: str, seed: int, purpose: str = "split") -> float:
+    """The image's number in [0, 1) for ``purpose``, from its class and id alone (see the module docstring)."""
+    key = seed.to_bytes(8, "little") + purpose.encode()
+    digest = hashlib.blake2b(f"{class_name}\0{item_id}".encode(), key=key[:64], digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
+def assign(
+    ids: Sequence[str], class_names: Sequence[str], *, val_fraction: float, test_fraction: float, seed: int
+) -> list[str]:
+    """The split of each image (``class_names[i]`` is image i's class), as the module docstring describes."""
+    bands = {"test": test_fraction, "val": val_fraction}
+    u = [position(c, i, seed) for i, c in zip(ids, class_names, strict=True)]
+    splits = ["test" if x < test_fraction else "val" if x < test_fraction + val_fraction else "train" for x in u]
+    by_class: dict[str, list[int]] = {}
+    for k, c in enumerate(class_names):
+        by_class.setdefault(c, []).append(k)
+    needed = [s for s in ("test", "val") if bands[s] > 0]
+    for c, members in sorted(by_class.items()):
+        if len(members) < len(needed) + 1:
+            raise PipelineError(
+                f"class {c!r} has {len(members)} image(s): a train/val/test split needs at least "
+                f"{len(needed) + 1} per class. Add images, or give explicit train/ val/ test/ folders"
+            )
+        for s in needed:
+            if not any(splits[k] == s for k in members):  # stand in with the lowest-hashed train image
+                stand_in = min((k for k in members if splits[k] == "train"), key=lambda k: u[k])
+                splits[stand_in] = s
+    return splits
+
+
+def keep_per_class(ids: Sequence[str], class_names: Sequence[str], limit: int, seed: int) -> set[str]:
+    """``limit`` ids of each class, the lowest-hashed ones: adding an image swaps at most one in or out."""
+    by_class: dict[str, list[str]] = {}
+    for i, c in zip(ids, class_names, strict=True):
+        by_class.setdefault(c, []).append(i)
+    keep: set[str] = set()
+    for c, members in by_class.items():
+        keep.update(sorted(members, key=lambda i: position(c, i, seed, "limit"))[:limit])
+    return keep

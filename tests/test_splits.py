@@ -1,0 +1,72 @@
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import pytest
+
+from pipeline import splits
+from pipeline.errors import PipelineError
+
+
+def folder(n: int, classes: int = 4, start: int = 0) -> tuple[list[str], list[str]]:
+    ids = [f"c{i % classes}/{i:06d}.jpg" for i in range(start, start + n)]
+    return ids, [i.split("/")[0] for i in ids]
+
+
+def assign(ids: list[str], names: list[str], seed: int = 0) -> dict[str, str]:
+    got = splits.assign(ids, names, val_fraction=0.1, test_fraction=0.2, seed=seed)
+    return dict(zip(ids, got, strict=True))
+
+
+def test_adding_or_removing_images_moves_no_other_image():
+    ids, names = folder(2000)
+    before = assign(ids, names)
+    more_ids, more_names = folder(2100)  # 100 more, 5%
+    after = assign(more_ids, more_names)
+    assert all(after[i] == s for i, s in before.items())
+    fewer = assign(ids[::2], names[::2])  # half of them gone
+    assert all(before[i] == s for i, s in fewer.items())
+
+
+def test_each_class_gets_close_to_the_fractions():
+    ids, names = folder(4000)
+    got = assign(ids, names)
+    for c in {*names}:
+        share = collections.Counter(s for i, s in got.items() if i.startswith(c + "/"))
+        # 1,000 images a class: binomial standard deviations of 12.6 (test) and 9.5 (val) images
+        assert abs(share["test"] - 200) < 4 * 12.6 and abs(share["val"] - 100) < 4 * 9.5
+
+
+def test_a_split_depends_on_the_seed_and_on_nothing_else_of_the_folder():
+    ids, names = folder(400)
+    a, b = assign(ids, names, seed=0), assign(ids, names, seed=1)
+    assert a == assign(list(reversed(ids)), list(reversed(names)), seed=0)
+    assert sum(a[i] != b[i] for i in ids) > 100
+
+
+@pytest.mark.parametrize("n", [3, 4, 6])
+def test_a_small_class_still_has_one_image_in_every_split(n: int):
+    ids, names = folder(n, classes=1)
+    got = collections.Counter(assign(ids, names).values())
+    assert got["train"] >= 1 and got["val"] >= 1 and got["test"] >= 1
+
+
+def test_a_class_too_small_for_three_splits_is_a_clear_error():
+    ids, names = folder(2, classes=1)
+    with pytest.raises(PipelineError, match="class 'c0' has 2 image"):
+        assign(ids, names)
+
+
+def test_positions_are_uniform():
+    ids, names = folder(20000)
+    u = np.array([splits.position(c, i, 0) for i, c in zip(ids, names, strict=True)])
+    assert u.min() >= 0 and u.max() < 1
+    assert np.allclose(np.histogram(u, bins=10, range=(0, 1))[0] / len(u), 0.1, atol=0.01)
+
+
+def test_a_per_class_subset_changes_by_at_most_one_image_when_one_is_added():
+    ids, names = folder(400)
+    before = splits.keep_per_class(ids, names, 5, seed=0)
+    after = splits.keep_per_class(*folder(401), 5, seed=0)
+    assert len(before) == len(after) == 20 and len(before - after) <= 1
