@@ -164,7 +164,7 @@ def extract(params: Params, prepared: Path, out_dir: Path, world: World | None =
         prefetch_factor=2 * workers if workers else None,  # two whole batches a worker ahead, as without pieces
         pin_memory=device.type == "cuda",
     )
-    step = functools.partial(_forward, forward, device=device, pad_to=cfg.batch_size if cfg.compile else 0)
+    step = functools.partial(_forward, forward, device=device, pad_to=cfg.batch_size)
     mine = _extract_shard(step, _joined(loader, todo), progress, ordered, views=cfg.views, bar=world.main)
     if not world.main:
         progress.close()  # rank 0 reads it from here
@@ -266,8 +266,10 @@ def _write_splits(
 def _forward(
     model: torch.nn.Module, pieces: list[torch.Tensor], views: Sequence[str], *, device: torch.device, pad_to: int
 ) -> dict[str, np.ndarray]:
-    """Features of one uint8 batch, given in pieces, for each view, as float32 numpy; zero-pads to ``pad_to`` rows
-    for a fixed shape. The pieces are joined on the device, after their (pinned, asynchronous) copies."""
+    """Features of one uint8 batch, given in pieces, for each view, as float32 numpy. The pieces are joined on the
+    device, after their (pinned, asynchronous) copies. A short batch is zero-padded to ``pad_to`` rows: every
+    forward pass has one shape, so a row's bits do not depend on how many images share its batch, nor on the
+    thread count (a lone image in a batch of one differed in the last bit between 1 and 2 CPU threads)."""
     images = torch.cat([p.to(device, non_blocking=True) for p in pieces])
     n = len(images)
     images = images.contiguous(memory_format=torch.channels_last)
