@@ -157,3 +157,23 @@ def test_bf16_precision_runs_under_autocast_and_returns_float32():
     with torch.inference_mode():
         out = model(torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8))
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_row_has_the_same_bits_whatever_else_is_in_its_batch(precision: str):
+    """The same image in two batches of one shape, with other images beside it, at another place and on another
+    number of threads (extract.nproc), gives the same bits: what lets rows be computed once and reused."""
+    extractor, _, _ = backbone.build_extractor(dataclasses.replace(CFG, image_size=32), seed=0, precision=precision)
+    rng = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (15, 3, 32, 32), dtype=torch.uint8, generator=rng)
+    first = torch.cat([images[:1], images[1:8]])  # image 0 first, beside images 1-7
+    second = torch.cat([images[8:13], images[:1], images[13:15]])  # image 0 sixth, beside images 8-14
+    threads = torch.get_num_threads()
+    with torch.inference_mode():
+        a = extractor(first)[0]
+        torch.set_num_threads(1)
+        try:
+            b = extractor(second)[5]
+        finally:
+            torch.set_num_threads(threads)
+    assert torch.equal(a, b)
