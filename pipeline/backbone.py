@@ -54,6 +54,10 @@ class Preprocessing:
     mean: tuple[float, ...]
     std: tuple[float, ...]
 
+    def reduce_for(self, decode: str) -> int:
+        """What ``images.open_image`` may reduce a JPEG towards under ``extract.decode`` (0: a full decode)."""
+        return self.resize_size if decode == "fast" else 0
+
     def to_uint8(self, image: Any) -> torch.Tensor:
         """PIL image -> (3, crop, crop) uint8 tensor, as the weights' transform does before scaling."""
         mode = F.InterpolationMode(self.interpolation)

@@ -155,7 +155,7 @@ def extract(params: Params, prepared: Path, out_dir: Path, world: World | None =
         cfg.arch, cfg.layer, cfg.weights, precision, device, torch.get_num_threads(), workers, base["feature_dim"],
         start, stop, len(ids),
     )  # fmt: skip
-    reader = sources.ImageReader(params.data, reduce_for=prep.resize_size if cfg.decode == "fast" else 0)
+    reader = sources.ImageReader(params.data, reduce_for=prep.reduce_for(cfg.decode))
     todo = [b for b in batches if progress.done <= b[0] < stop]  # commits happen on batch boundaries
     loader = DataLoader(
         backbone.Images(ids, reader, prep),
@@ -270,11 +270,12 @@ def _forward(
     device, after their (pinned, asynchronous) copies. A short batch is zero-padded to ``pad_to`` rows: every
     forward pass has one shape, so a row's bits do not depend on how many images share its batch, nor on the
     thread count (a lone image in a batch of one differed in the last bit between 1 and 2 CPU threads)."""
-    images = torch.cat([p.to(device, non_blocking=True) for p in pieces])
-    n = len(images)
-    images = images.contiguous(memory_format=torch.channels_last)
+    parts = [p.to(device, non_blocking=True) for p in pieces]
+    n = sum(len(p) for p in parts)
     if n < pad_to:
-        images = torch.cat([images, images.new_zeros(pad_to - n, *images.shape[1:])])
+        parts.append(parts[0].new_zeros(pad_to - n, *parts[0].shape[1:]))
+    images = parts[0] if len(parts) == 1 else torch.cat(parts)  # one copy at most: join and pad together
+    images = images.contiguous(memory_format=torch.channels_last)
     out = {"original": model(images)[:n]}
     if "hflip" in views:
         out["hflip"] = model(images.flip(-1))[:n]

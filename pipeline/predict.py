@@ -53,9 +53,8 @@ def predict(
     extraction (``decode`` as the features were made)."""
     extractor = extractor.to(device, memory_format=torch.channels_last)
     head = head.to(device).eval()
-    reduce_for = prep.resize_size if decode == "fast" else 0
     loader = DataLoader(
-        backbone.Images(list(paths), functools.partial(open_image, reduce_for=reduce_for), prep),
+        backbone.Images(list(paths), functools.partial(open_image, reduce_for=prep.reduce_for(decode)), prep),
         batch_size=batch_size,
         num_workers=num_workers,
         pin_memory=device.type == "cuda",

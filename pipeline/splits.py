@@ -26,7 +26,7 @@ SPLITS = ("train", "val", "test")
 def position(class_name: str, item_id: str, seed: int, purpose: str = "split") -> float:
     """The image's number in [0, 1) for ``purpose``, from its class and id alone (see the module docstring)."""
     key = seed.to_bytes(8, "little") + purpose.encode()
-    digest = hashlib.blake2b(f"{class_name}\0{item_id}".encode(), key=key[:64], digest_size=8).digest()
+    digest = hashlib.blake2b(f"{class_name}\0{item_id}".encode(), key=key, digest_size=8).digest()
     return int.from_bytes(digest, "big") / 2**64
 
 
