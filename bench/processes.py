@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -47,15 +48,15 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "arch": "vgg16", "image_size": args.image_size, "batch_size": args.batch_size,
         "num_workers": args.num_workers, "device": args.device,
     }  # fmt: skip
-    measured(
-        [sys.executable, "-m", "pipeline.prepare", "--out", "prepared", "--metrics", "prepare.json"],
-        _at(work, root, extract),
-    )
+    measured([sys.executable, "-m", "pipeline.scan", "--out", "images.csv"], _at(work, root, extract))
+    prepare = ["--images", "images.csv", "--out", "prepared", "--metrics", "prepare.json"]
+    measured([sys.executable, "-m", "pipeline.prepare", *prepare], work)
     variants = ["torchrun-1"] + [f"nproc-{n}" for n in args.nproc]
     runs: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
     for _ in range(args.rounds):
         for v in variants:
             cmd, nproc = command(v)
+            shutil.rmtree(work / ".feature-store", ignore_errors=True)  # every run extracts every image
             wall, _peak = measured(cmd, _at(work, root, extract | {"nproc": nproc}))
             runs[v].append(with_rate(json.loads((work / "s.json").read_text())) | {"wall_s": wall})
     for rs in runs.values():

@@ -4,8 +4,8 @@
     python -m bench.shards --quick                # a smoke run with tiny sizes
     python -m bench.shards --rows 1281167 --dim 512 --shards 8 --dir /scratch
 
-Each process of a run leaves its rows in raw work files (see pipeline/progress.py). Two ways to present them
-as one ``features`` dataset in manifest order:
+Each process of a run leaves its rows in its own segment of the row store (see pipeline/store.py). Two ways
+to present them as one ``features`` dataset in manifest order:
 
 - merge: rank 0 copies every shard into one HDF5 file, as ``extract`` does (the pipeline's own code);
 - vds: every rank converts its shard into an HDF5 file (the same bytes written, in parallel across ranks),
@@ -34,7 +34,7 @@ import numpy as np
 
 from pipeline import features
 from pipeline.extract import WRITE_ROWS
-from pipeline.progress import Progress, Shards, shard_dir
+from pipeline.store import RowStore
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
@@ -43,22 +43,27 @@ CASES = [  # (name, rows, dim): ImageNet-1k train at 512-d, and 50,000 rows at 2
     ("pool5-flatten", 50_000, 25_088),
 ]
 QUICK = [("pool5-avg", 20_000, 512), ("pool5-flatten", 500, 25_088)]
-LAYOUT = {"dtype": "float16", "views": ["original"]}
+LAYOUT = {"dtype": "float16"}
 
 
-def make_shards(root: Path, rows: int, dim: int, count: int, seed: int = 0) -> list[Progress]:
-    """``count`` complete work-file shards of random float16 rows, as ``count`` processes leave them."""
-    rng = np.random.default_rng(seed)
-    bounds = [(k * rows // count, (k + 1) * rows // count) for k in range(count)]
-    shards = []
-    for k, (a, b) in enumerate(bounds):
-        p = Progress(shard_dir(root, "run", k, count), start=a, stop=b, dim=dim, **LAYOUT)
-        for s in range(a, b, 8192):
-            e = min(b, s + 8192)
-            p.write(s, {"original": rng.standard_normal((e - s, dim), dtype=np.float32)})
-        p.commit(b)
-        shards.append(p)
-    return shards
+class Shards:
+    """A row store of ``count`` segments, one per process, and the content keys of its rows in manifest order;
+    segment k holds rows [bounds[k][0], bounds[k][1])."""
+
+    def __init__(self, root: Path, rows: int, dim: int, count: int, seed: int = 0) -> None:
+        rng = np.random.default_rng(seed)
+        self.keys = [i.to_bytes(16, "big") for i in range(rows)]
+        self.bounds = [(k * rows // count, (k + 1) * rows // count) for k in range(count)]
+        for k, (a, b) in enumerate(self.bounds):
+            store = RowStore(root, segment=k, dim=dim, **LAYOUT)
+            for s in range(a, b, 8192):
+                e = min(b, s + 8192)
+                store.append(self.keys[s:e], {"original": rng.standard_normal((e - s, dim), dtype=np.float32)})
+            store.close()
+        self.store = RowStore(root, segment=0, dim=dim, quiet=True, **LAYOUT)
+
+    def read(self, a: int, b: int) -> np.ndarray:
+        return self.store.read("original", self.keys[a:b])
 
 
 def _writer(path: Path, n: int, dim: int) -> features.FeatureWriter:
@@ -72,20 +77,19 @@ def merge(shards: Shards, out: Path, rows: int, dim: int, offset: int = 0) -> No
     with _writer(out, rows, dim) as w:
         for a in range(0, rows, WRITE_ROWS):
             b = min(rows, a + WRITE_ROWS)
-            w.write(a, {"original": shards.read("original", offset + a, offset + b)}, labels[: b - a], [""] * (b - a))
+            w.write(a, {"original": shards.read(offset + a, offset + b)}, labels[: b - a], [""] * (b - a))
 
 
-def vds(shards: list[Progress], out_dir: Path, dim: int) -> tuple[float, float]:
+def vds(shards: Shards, out_dir: Path, dim: int) -> tuple[float, float]:
     """Each shard to its own HDF5 file (one per rank: in a real run these run in parallel), then the virtual
     dataset over them. Returns (seconds of the slowest shard conversion, seconds of the virtual file)."""
     slowest = 0.0
-    layout = h5py.VirtualLayout(shape=(shards[-1].stop, dim), dtype="float16")
-    for k, s in enumerate(shards):
+    layout = h5py.VirtualLayout(shape=(shards.bounds[-1][1], dim), dtype="float16")
+    for k, (a, b) in enumerate(shards.bounds):
         start = time.perf_counter()
-        merge(Shards([s]), out_dir / f"train.{k}.h5", s.stop - s.start, dim, offset=s.start)
+        merge(shards, out_dir / f"train.{k}.h5", b - a, dim, offset=a)
         slowest = max(slowest, time.perf_counter() - start)
-        n = s.stop - s.start
-        layout[s.start : s.stop] = h5py.VirtualSource(f"train.{k}.h5", "features", shape=(n, dim))
+        layout[a:b] = h5py.VirtualSource(f"train.{k}.h5", "features", shape=(b - a, dim))
     start = time.perf_counter()
     with h5py.File(out_dir / "train.h5", "w", libver="latest") as f:
         f.create_virtual_dataset("features", layout)
@@ -121,19 +125,19 @@ def case(work: Path, name: str, rows: int, dim: int, shard_counts: list[int]) ->
     block_rows = max(1, (64 << 20) // (dim * 4) // chunk) * chunk  # as train's BlockReader: ~64 MiB of float32
     for count in shard_counts:
         root = work / f"{name}-{count}"
-        shards = make_shards(root / "progress", rows, dim, count)
+        shards = Shards(root / "store", rows, dim, count)
         merged_dir, vds_dir = root / "merged", root / "vds"
         merged_dir.mkdir()
         vds_dir.mkdir()
         start = time.perf_counter()
-        merge(Shards(shards), merged_dir / "train.h5", rows, dim)
+        merge(shards, merged_dir / "train.h5", rows, dim)
         merge_s = time.perf_counter() - start
         shard_s, vds_s = vds(shards, vds_dir, dim)
         with h5py.File(merged_dir / "train.h5") as a, h5py.File(vds_dir / "train.h5") as b:
             assert np.array_equal(a["features"][-5:], b["features"][-5:])  # the same rows either way
         moved = vds_dir.rename(root / "vds-moved")  # a checkout elsewhere: the sources are found beside the file
         with h5py.File(moved / "train.h5") as b:
-            readable_after_move = bool(np.array_equal(b["features"][:5], shards[0].read("original", 0, 5)))
+            readable_after_move = bool(np.array_equal(b["features"][:5], shards.read(0, 5)))
         result["by_shards"][count] = {
             "vds_readable_after_move": readable_after_move,
             "merge_s": merge_s,

@@ -11,9 +11,10 @@ import argparse
 import functools
 import json
 import logging
+import shutil
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,54 +25,20 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from pipeline import backbone, distributed, features, sources
+from pipeline.batches import joined, pieces, shard_bounds, split_batches
 from pipeline.config import ExtractConfig, Params, load_params, to_dict, with_dvc_paths
 from pipeline.distributed import World
 from pipeline.errors import PipelineError, run_stage
 from pipeline.files import replaced
 from pipeline.hardware import decode_workers, resolve_precision
-from pipeline.progress import Progress, Shards, discard_stale, run_key, shard_dir
+from pipeline.store import RowStore, prune_stores, settings_key
 
 log = logging.getLogger(__name__)
 
-PROGRESS_DIR = ".extract-progress"  # next to the features directory, outside DVC's outputs
-COMMIT_EVERY = 4  # batches between progress commits (fsync): at most this many are redone after a kill
-WRITE_ROWS = 4096  # rows per block when the work files are copied into the HDF5 outputs
-
-
-def split_batches(sizes: Sequence[int], batch_size: int) -> list[list[int]]:
-    """Batches of consecutive row indices that never straddle two splits laid end to end."""
-    batches, offset = [], 0
-    for size in sizes:
-        batches += [
-            list(range(a, min(a + batch_size, offset + size))) for a in range(offset, offset + size, batch_size)
-        ]
-        offset += size
-    return batches
-
-
-def pieces(batches: Sequence[Sequence[int]], workers: int) -> list[list[int]]:
-    """Each batch cut into one piece per decode worker, so that every worker decodes a share of every batch: the
-    first batch is ready after batch_size / workers decodes, not batch_size, and a run of few batches keeps every
-    worker busy. The network still sees the whole batches (see _joined), so the features do not change."""
-    out = []
-    for batch in batches:
-        size = -(-len(batch) // max(1, workers))
-        out += [list(batch[i : i + size]) for i in range(0, len(batch), size)]
-    return out
-
-
-def _joined(loader: Iterable[Any], batches: Sequence[Sequence[int]]) -> Iterator[tuple[list[torch.Tensor], Any, list]]:
-    """The loader's pieces, in order, joined back into ``batches``: (image pieces, row indices, errors)."""
-    pieces_in = iter(loader)
-    for batch in batches:
-        images, index, errors, n = [], [], [], 0
-        while n < len(batch):
-            piece, rows, problems = next(pieces_in)
-            images.append(piece)
-            index.append(rows)
-            errors += problems
-            n += len(rows)
-        yield images, torch.cat(index), errors
+STORE_DIR = ".feature-store"  # next to the features directory, outside DVC's outputs (see pipeline.store)
+OLD_PROGRESS_DIR = ".extract-progress"  # the resumable work files of earlier releases, which the store replaced
+COMMIT_EVERY = 4  # batches between store commits (fsync): at most this many are redone after a kill
+WRITE_ROWS = 4096  # rows per block when the stored rows are copied into the HDF5 outputs
 
 
 def provenance(cfg: ExtractConfig, seed: int, precision: str, prep: backbone.Preprocessing) -> dict[str, Any]:
@@ -97,135 +64,152 @@ def provenance(cfg: ExtractConfig, seed: int, precision: str, prep: backbone.Pre
     }
 
 
-def shard_bounds(batches: Sequence[Sequence[int]], size: int) -> list[tuple[int, int]]:
-    """Each process's rows [start, stop): as equal as whole batches allow, cut only between batches, so that a
-    batch, and so its features bit for bit, is the same whatever the number of processes."""
-    starts = [b[0] for b in batches] + [batches[-1][-1] + 1 if batches else 0]
-    n = starts[-1]
-    cuts = [min(starts, key=lambda s: (abs(s - r * n / size), s)) for r in range(1, size)]  # nearest boundary
-    edges = [0, *cuts, n]
-    return list(zip(edges[:-1], edges[1:], strict=True))
-
-
 def extract(params: Params, prepared: Path, out_dir: Path, world: World | None = None) -> dict[str, float] | None:
-    """Write ``{split}.h5`` for every split; returns the run's images and seconds (on rank 0; None elsewhere).
+    """Write ``{split}.h5`` for every split; returns the run's figures (on rank 0; None elsewhere).
 
-    Each process extracts its own contiguous shard of the rows into its own work files; once every shard is
-    complete, rank 0 copies them, in manifest order, into the final files.
+    Rows are kept in the row store by the content key of their image: only images without a row for this
+    setting go through the network, each process taking its contiguous share of their batches. Once every
+    process is done, rank 0 copies the rows, in manifest order, into the final files.
     """
     cfg, world = params.extract, world or World()
     items, classes = sources.read_manifest(prepared)
-    device = distributed.device(cfg.device, world)
-    if device.type == "cpu" and world.local_size > 1:
-        torch.set_num_threads(distributed.cpu_threads(world))
-    precision = resolve_precision(cfg.precision, device)
-    model, prep, weights_info = backbone.build_extractor(cfg, params.seed, precision)
-    model = model.to(device, memory_format=torch.channels_last)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cudnn.benchmark = True  # one input shape throughout: let cuDNN pick its fastest kernels
-    forward = torch.compile(model, dynamic=False) if cfg.compile else model
-    base = provenance(cfg, params.seed, precision, prep) | weights_info | {"class_names": list(classes)}
-
+    forward, device, base, prep = _network(cfg, params.seed, world)
+    base |= {"class_names": list(classes)}
     rows = {split: [it for it in items if it.split == split] for split in sources.SPLITS}
-    ordered = [it for split in sources.SPLITS for it in rows[split]]  # splits end to end, manifest order within
-    ids = [it.id for it in ordered]
-    key = run_key(
-        {
-            "provenance": base,
-            "batch_size": cfg.batch_size,  # batch composition can change the last bits of the arithmetic
-            "device": device.type,
-            "manifest": [(it.id, it.label, it.split) for it in ordered],
-            "images": sources.fingerprint(params.data, ids),
-        }
-    )
-    batches = split_batches([len(rows[s]) for s in sources.SPLITS], cfg.batch_size)
-    bounds = shard_bounds(batches, world.size)
-    root = out_dir.parent / PROGRESS_DIR
-    dirs = [shard_dir(root, key, rank, world.size) for rank in range(world.size)]
-    if world.main:
-        discard_stale(root, dirs)
-    distributed.check_shared(root / key, world)
-    layout = {"dim": base["feature_dim"], "dtype": cfg.storage_dtype, "views": cfg.views}
-    start, stop = bounds[world.rank]
-    progress = Progress(dirs[world.rank], start=start, stop=stop, **layout)
+    store_root = out_dir.parent / STORE_DIR
+    store = _open_store(store_root, base, cfg, device, world)
+    todo = store.missing(_needs(rows, cfg.views))  # content key -> views without a row, in manifest order
+    distributed.check_shared(store.dir, world)  # also a barrier: every process has read the store before any writes
+    first_id = {bytes.fromhex(it.key): it.id for it in reversed(items)}  # the id of the first image of each key
+    groups = {views: [k for k, v in todo.items() if v == views] for views in dict.fromkeys(todo.values())}
+    keys = [k for group in groups.values() for k in group]  # grouped by their views, so a batch has one set of views
+    batches = split_batches([len(g) for g in groups.values()], cfg.batch_size)
+    start, stop = shard_bounds(batches, world.size)[world.rank]
     workers = decode_workers(cfg.num_workers, world.local_size)
-    log.info(
-        "extracting %s %s (%s weights, %s) on %s (%d threads, %d decode workers), %d-d features, images %d to %d of %d",
-        cfg.arch, cfg.layer, cfg.weights, precision, device, torch.get_num_threads(), workers, base["feature_dim"],
-        start, stop, len(ids),
-    )  # fmt: skip
+    reused = sum(1 for it in items if bytes.fromhex(it.key) not in todo)
+    if world.main:
+        log.info(
+            "reused %s rows, extracting %s images: %s on %s (%d threads, %d decode workers)",
+            f"{reused:,}", f"{len(keys):,}", _describe(cfg, base), device, torch.get_num_threads(), workers,
+        )  # fmt: skip
     reader = sources.ImageReader(params.data, reduce_for=prep.reduce_for(cfg.decode))
-    todo = [b for b in batches if progress.done <= b[0] < stop]  # commits happen on batch boundaries
+    mine = [b for b in batches if start <= b[0] < stop]
     loader = DataLoader(
-        backbone.Images(ids, reader, prep),
-        batch_sampler=pieces(todo, workers),
+        backbone.Images([first_id[k] for k in keys], reader, prep),
+        batch_sampler=pieces(mine, workers),
         num_workers=workers,
         prefetch_factor=2 * workers if workers else None,  # two whole batches a worker ahead, as without pieces
         pin_memory=device.type == "cuda",
     )
     step = functools.partial(_forward, forward, device=device, pad_to=cfg.batch_size)
-    mine = _extract_shard(step, _joined(loader, todo), progress, ordered, views=cfg.views, bar=world.main)
-    if not world.main:
-        progress.close()  # rank 0 reads it from here
-        log.info("extracted %d images in %.1f s; waiting for the other processes", mine["images"], mine["seconds"])
-    shares = distributed.gather(mine, world)  # waits for every process: a failed one stops the run here
+    work = [(keys[b[0] : b[-1] + 1], todo[keys[b[0]]]) for b in mine]
+    batches_in = joined(loader, mine) if mine else iter(())  # no work: no decode workers started
+    done = _extract_shard(step, batches_in, store, work, ids=first_id, bar=world.main)
+    store.close()
+    shares = distributed.gather(done, world)  # waits for every process: a failed one stops the run here
     if not world.main:
         return None
     merge_start = time.time()
-    others = [Progress.finished(d, start=a, stop=b, **layout) for d, (a, b) in zip(dirs[1:], bounds[1:], strict=True)]
-    shards = Shards([progress, *others])
+    store = _open_store(store_root, base, cfg, device, world)  # with every process's rows
     with replaced(out_dir) as tmp:
-        _write_splits(shards, tmp, rows, base, compression=cfg.compression)
-    shards.remove()
-    stats = _totals(shares, merge_start, time.time())  # the write counts, as np.save's does
+        _write_splits(store, tmp, rows, base, compression=cfg.compression)
+    dropped = store.keep_only(_live(rows, cfg.views))
+    store.close()
+    prune_stores(store_root, cfg.keep_stores, store.dir)
+    stats = _totals(shares, merge_start, time.time()) | {"reused": reused, "dropped": dropped}
     stats |= {"processes": world.size, "decode_workers": workers}
     if device.type == "cuda":
         stats["gpu_peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
     log.info(
-        "extracted %d images in %.1f s (%.1f img/s) with %d process(es); the final files took %.1f s",
-        stats["images"], stats["seconds"], stats["images_per_second"], world.size, stats["merge_seconds"],
+        "extracted %d images in %.1f s (%.1f img/s) with %d process(es), reused %d rows, dropped %d stale ones; "
+        "the final files took %.1f s",
+        stats["images"], stats["seconds"], stats["images_per_second"], world.size, reused, dropped,
+        stats["merge_seconds"],
     )  # fmt: skip
     return stats
+
+
+def _network(
+    cfg: ExtractConfig, seed: int, world: World
+) -> tuple[Callable[[torch.Tensor], torch.Tensor], torch.device, dict[str, Any], backbone.Preprocessing]:
+    """The frozen network on this process's device, ready to run: (forward, device, provenance, preprocessing)."""
+    device = distributed.device(cfg.device, world)
+    if device.type == "cpu" and world.local_size > 1:
+        torch.set_num_threads(distributed.cpu_threads(world))
+    precision = resolve_precision(cfg.precision, device)
+    model, prep, weights_info = backbone.build_extractor(cfg, seed, precision)
+    model = model.to(device, memory_format=torch.channels_last)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True  # one input shape throughout: let cuDNN pick its fastest kernels
+    forward = torch.compile(model, dynamic=False) if cfg.compile else model
+    return forward, device, provenance(cfg, seed, precision, prep) | weights_info, prep
+
+
+def _open_store(root: Path, base: dict[str, Any], cfg: ExtractConfig, device: torch.device, world: World) -> RowStore:
+    """This setting's row store. What a row's bytes depend on picks it; not the class names (renaming a class
+    folder reuses its rows), nor the views (each view has its own rows)."""
+    if world.main and (root.parent / OLD_PROGRESS_DIR).is_dir():
+        shutil.rmtree(root.parent / OLD_PROGRESS_DIR, ignore_errors=True)
+    settings = {k: v for k, v in base.items() if k not in ("class_names", "views")}
+    settings |= {"batch_size": cfg.batch_size, "device": device.type}  # the batch shape can change the last bits
+    return RowStore(root / settings_key(settings), segment=world.rank, dim=base["feature_dim"], dtype=cfg.storage_dtype)
+
+
+def _needs(rows: dict[str, list[sources.Item]], views: Sequence[str]) -> dict[bytes, tuple[str, ...]]:
+    """Content key -> the views it needs rows for (train: every view; val and test: the original), manifest order."""
+    needs: dict[bytes, tuple[str, ...]] = {}
+    for split, items in rows.items():
+        for it in items:
+            want = features.split_views(views, split)
+            have = needs.get(bytes.fromhex(it.key), ())
+            needs[bytes.fromhex(it.key)] = tuple(v for v in views if v in want or v in have)
+    return needs
+
+
+def _live(rows: dict[str, list[sources.Item]], views: Sequence[str]) -> dict[str, list[bytes]]:
+    """View -> the content keys whose rows the final files use."""
+    live: dict[str, list[bytes]] = {v: [] for v in views}
+    for key, wanted in _needs(rows, views).items():
+        for v in wanted:
+            live[v].append(key)
+    return live
+
+
+def _describe(cfg: ExtractConfig, base: dict[str, Any]) -> str:
+    return f"{cfg.arch} {cfg.layer}, {cfg.weights} weights, {base['precision']}, {base['feature_dim']}-d features"
 
 
 def _extract_shard(
     step: Callable[[list[torch.Tensor], Sequence[str]], dict[str, np.ndarray]],
     loader: Iterable[tuple[list[torch.Tensor], torch.Tensor, list[str]]],
-    progress: Progress,
-    ordered: Sequence[sources.Item],
+    store: RowStore,
+    work: Sequence[tuple[Sequence[bytes], Sequence[str]]],
     *,
-    views: Sequence[str],
+    ids: dict[bytes, str],
     bar: bool,
 ) -> dict[str, Any]:
-    """Run the network over this process's batches into its work files; returns its images and times."""
-    resumed = done = progress.done
-    start_time, warm = time.time(), None  # warm: time and rows when the first batch is done
+    """Run the network over this process's batches, given as (content keys, views), into the row store; returns
+    its images and times."""
+    done, start_time, warm = 0, time.time(), None  # warm: time and rows when the first batch is done
+    total = sum(len(keys) for keys, _ in work)
     try:
-        with torch.inference_mode(), tqdm(
-            total=progress.stop - progress.start, initial=done - progress.start, desc="extract", unit="img",
-            disable=not bar,
-        ) as pbar:  # fmt: skip
-            for n_batch, (images, index, errors) in enumerate(loader, start=1):
-                for row, error in zip(index.tolist(), errors, strict=True):
+        with torch.inference_mode(), tqdm(total=total, desc="extract", unit="img", disable=not bar) as pbar:
+            for n_batch, ((images, _, errors), (keys, views)) in enumerate(zip(loader, work, strict=True), start=1):
+                for key, error in zip(keys, errors, strict=True):
                     if error:
-                        raise PipelineError(f"cannot read image {ordered[row].id!r}: {error}")
-                first = int(index[0])
-                progress.write(first, step(images, features.split_views(views, ordered[first].split)))
-                done = first + len(index)  # batches never straddle splits: the first row's split is the batch's
+                        raise PipelineError(f"cannot read image {ids[key]!r}: {error}")
+                store.append(keys, step(images, views))
+                done += len(keys)
                 if n_batch % COMMIT_EVERY == 0:
-                    progress.commit(done)
-                pbar.update(len(index))
-                warm = warm or (time.time(), len(index))
+                    store.commit()
+                pbar.update(len(keys))
+                warm = warm or (time.time(), len(keys))
     finally:  # on Ctrl-C, SIGTERM or an error too: every finished batch is kept for the next run
-        if done > progress.done:
-            progress.commit(done)
-        if done < progress.stop:
-            log.info(
-                "kept %d of %d images in %s: run again to continue",
-                done - progress.start, progress.stop - progress.start, progress.dir,
-            )  # fmt: skip
-    return {"images": done - resumed, "start": start_time, "seconds": time.time() - start_time, "warm": warm}
+        store.commit()
+        if done < total:
+            log.info("kept %d of %d new rows in %s: run again to continue", done, total, store.dir)
+    return {"images": done, "start": start_time, "seconds": time.time() - start_time, "warm": warm}
 
 
 def _totals(shares: Sequence[dict[str, Any]], merge_start: float, end: float) -> dict[str, float]:
@@ -242,15 +226,15 @@ def _totals(shares: Sequence[dict[str, Any]], merge_start: float, end: float) ->
 
 
 def _write_splits(
-    shards: Shards, out_dir: Path, rows: dict[str, list[sources.Item]], base: dict[str, Any], *, compression: str
+    store: RowStore, out_dir: Path, rows: dict[str, list[sources.Item]], base: dict[str, Any], *, compression: str
 ) -> None:
-    """One clean pass from the work files into ``{split}.h5``, each file atomic; the bytes never depend on how
-    many runs or processes the extraction took."""
+    """One clean pass from the row store into ``{split}.h5``, each file atomic; the bytes never depend on how many
+    runs or processes made the rows, nor on which rows were already there."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    offset = 0
     for split in sources.SPLITS:
         items, n = rows[split], len(rows[split])
         labels = np.array([it.label for it in items], dtype=np.int64)
+        keys = [bytes.fromhex(it.key) for it in items]
         views = features.split_views(base["views"], split)
         with features.FeatureWriter(
             out_dir / f"{split}.h5", n=n, dim=base["feature_dim"], dtype=base["storage_dtype"], views=views,
@@ -258,16 +242,15 @@ def _write_splits(
         ) as writer:  # fmt: skip
             for a in range(0, n, WRITE_ROWS):
                 b = min(n, a + WRITE_ROWS)
-                blocks = {v: shards.read(v, offset + a, offset + b) for v in views}
+                blocks = {v: store.read(v, keys[a:b]) for v in views}
                 writer.write(a, blocks, labels[a:b], [it.id for it in items[a:b]])
-        offset += n
 
 
 def _forward(
     model: torch.nn.Module, pieces: list[torch.Tensor], views: Sequence[str], *, device: torch.device, pad_to: int
 ) -> dict[str, np.ndarray]:
-    """Features of one uint8 batch, given in pieces, for each view, as float32 numpy. The pieces are joined on the
-    device, after their (pinned, asynchronous) copies. A short batch is zero-padded to ``pad_to`` rows: every
+    """Features of one uint8 batch, given in pieces, for each of ``views``, as float32 numpy. The pieces are joined
+    on the device, after their (pinned, asynchronous) copies. A short batch is zero-padded to ``pad_to`` rows: every
     forward pass has one shape, so a row's bits do not depend on how many images share its batch, nor on the
     thread count (a lone image in a batch of one differed in the last bit between 1 and 2 CPU threads)."""
     parts = [p.to(device, non_blocking=True) for p in pieces]
@@ -276,9 +259,7 @@ def _forward(
         parts.append(parts[0].new_zeros(pad_to - n, *parts[0].shape[1:]))
     images = parts[0] if len(parts) == 1 else torch.cat(parts)  # one copy at most: join and pad together
     images = images.contiguous(memory_format=torch.channels_last)
-    out = {"original": model(images)[:n]}
-    if "hflip" in views:
-        out["hflip"] = model(images.flip(-1))[:n]
+    out = {view: model(images if view == "original" else images.flip(-1))[:n] for view in views}
     if not all(bool(torch.isfinite(t).all()) for t in out.values()):
         raise PipelineError("the network produced non-finite features (inf or NaN): check extract.weights")
     return {view: t.cpu().numpy() for view, t in out.items()}
@@ -304,8 +285,9 @@ def main() -> None:
         stats = extract(params, args.prepared, args.out, world)
     if stats is None:
         return
-    headline = {
-        "images": stats["images"],
+    headline = {  # short keys: `dvc metrics show` puts every key of every metrics file in one line
+        "extracted": stats["images"],
+        "reused": stats["reused"],
         "images/s": round(stats["images_per_second"], 2),
         "decode_workers": stats["decode_workers"],
     }

@@ -4,18 +4,14 @@ from __future__ import annotations
 
 import argparse
 import collections
-import concurrent.futures
 import csv
 import json
 import logging
-import os
 from pathlib import Path
 
-from tqdm import tqdm
-
-from pipeline import images, sources
-from pipeline.config import DataConfig, load_params, to_dict, with_dvc_paths
-from pipeline.errors import run_stage
+from pipeline import listing, sources
+from pipeline.config import load_params, to_dict, with_dvc_paths
+from pipeline.errors import PipelineError, run_stage
 from pipeline.files import replaced
 
 log = logging.getLogger(__name__)
@@ -23,14 +19,16 @@ log = logging.getLogger(__name__)
 SKIPPED = "skipped.csv"
 
 
-def find_bad_images(cfg: DataConfig) -> dict[str, str]:
-    """Decode every image of an imagefolder root once, in parallel; returns {id: reason} for the unreadable ones."""
-    ids = sources.imagefolder_ids(cfg)
-    root = Path(cfg.root)
-    with concurrent.futures.ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:
-        problems = pool.map(images.image_problem, [root / i for i in ids], chunksize=64)
-        checked = tqdm(problems, total=len(ids), desc="check images", unit="img", dynamic_ncols=True)
-        return {i: problem for i, problem in zip(ids, checked, strict=True) if problem}
+def unusable(entries: list[listing.Entry], on_bad_image: str) -> dict[str, str]:
+    """{id: reason} of the listed files to leave out; under ``raise``, the first one stops the run instead."""
+    bad = {e.id: e.problem for e in entries if e.problem}
+    if bad and on_bad_image == "raise":
+        first = min(bad)
+        raise PipelineError(
+            f"cannot use image {first!r}: {bad[first]} ({len(bad)} such file(s); "
+            "set data.on_bad_image: skip to leave them out and list them in skipped.csv)"
+        )
+    return bad
 
 
 def write_skipped(path: Path, bad: dict[str, str]) -> None:
@@ -42,16 +40,18 @@ def write_skipped(path: Path, bad: dict[str, str]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--images", type=Path, help="the scan stage's listing of data.root")
     parser.add_argument("--out", type=Path, help="directory for manifest.csv and classes.json")
     parser.add_argument("--metrics", type=Path, help="JSON file for image counts")
-    args = with_dvc_paths(parser.parse_args(), out="prepared", metrics="prepare_metrics")
+    args = with_dvc_paths(parser.parse_args(), images="images", out="prepared", metrics="prepare_metrics")
     params = load_params()
     cfg = params.data
     log.info("data params: %s", to_dict(cfg))
-    bad = find_bad_images(cfg) if cfg.source == "imagefolder" and cfg.on_bad_image == "skip" else {}
+    entries = listing.read(args.images) if cfg.source == "imagefolder" else None
+    bad = unusable(entries, cfg.on_bad_image) if entries is not None else {}
     for image_id, reason in sorted(bad.items()):
         log.warning("skipping %s: %s", image_id, reason)
-    items, classes = sources.discover(cfg, params.seed, exclude=frozenset(bad))
+    items, classes = sources.discover(cfg, params.seed, entries, exclude=frozenset(bad))
     with replaced(args.out) as out:
         sources.write_manifest(out, items, classes)
         write_skipped(out / SKIPPED, bad)

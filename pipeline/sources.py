@@ -9,6 +9,7 @@ An item is identified by a string id that its source can open again:
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import pickle
@@ -16,12 +17,11 @@ import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from pipeline import splits
+from pipeline import listing, splits
 from pipeline.config import DataConfig
 from pipeline.errors import PipelineError
 from pipeline.images import open_image
@@ -29,10 +29,9 @@ from pipeline.images import open_image
 log = logging.getLogger(__name__)
 
 SPLITS = splits.SPLITS
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 MANIFEST = "manifest.csv"
 CLASSES = "classes.json"
-_CIFAR_DIR = "cifar-10-batches-py"
+_CIFAR_DIR = listing.CIFAR_DIR
 
 
 @dataclass(frozen=True)
@@ -40,40 +39,56 @@ class Item:
     id: str
     label: int
     split: str
+    key: str = ""  # hex content key of the image's bytes (files) or pixels (digits, cifar10): what its rows are kept by
 
 
 # ---------------------------------------------------------------------------- discovery
 
 
-def discover(cfg: DataConfig, seed: int, exclude: frozenset[str] = frozenset()) -> tuple[list[Item], list[str]]:
-    """All labelled items of the configured source with their splits, and the class names.
+def discover(
+    cfg: DataConfig, seed: int, entries: Sequence[listing.Entry] | None = None, exclude: frozenset[str] = frozenset()
+) -> tuple[list[Item], list[str]]:
+    """All labelled items of the configured source with their splits and content keys, and the class names.
 
-    ``exclude``: imagefolder ids to leave out (unreadable files), before the split is drawn.
+    ``entries``: the image folder's listing (read from the folder when None); ``exclude``: ids to leave out
+    (unreadable files), before the split is drawn.
     """
     if cfg.source == "digits":
-        ids, labels, classes = _digits_items()
-        items = _split(ids, labels, classes, cfg, seed)
+        ids, labels, classes, keys = _digits_items()
+        items = _split(ids, labels, classes, cfg, seed, keys)
     elif cfg.source == "cifar10":
         items, classes = _cifar_items(cfg, seed)
     else:
-        items, classes = _imagefolder_items(cfg, seed, exclude)
+        if entries is None:
+            root = Path(cfg.root)
+            entries = listing.scan(root, listing.imagefolder_ids(root), cache_path=None)
+        items, classes = _imagefolder_items(entries, cfg, seed, exclude)
     if cfg.per_class_limit:
         items = limit_per_class(items, classes, cfg.per_class_limit, seed)
     return items, classes
 
 
-def _digits_items() -> tuple[list[str], list[int], list[str]]:
+def _digits_items() -> tuple[list[str], list[int], list[str], list[str]]:
     from sklearn.datasets import load_digits
 
-    target = load_digits().target
-    return [f"digits/{i:04d}" for i in range(len(target))], target.tolist(), [str(d) for d in range(10)]
+    digits = load_digits()
+    ids = [f"digits/{i:04d}" for i in range(len(digits.target))]
+    return ids, digits.target.tolist(), [str(d) for d in range(10)], [pixel_key(a) for a in digits.images]
 
 
-def _split(ids: Sequence[str], labels: Sequence[int], classes: Sequence[str], cfg: DataConfig, seed: int) -> list[Item]:
+def pixel_key(pixels: np.ndarray) -> str:
+    """The content key of an image given as an array: its shape, dtype and values."""
+    header = f"{pixels.shape}{pixels.dtype}".encode()
+    return hashlib.blake2b(header + np.ascontiguousarray(pixels).tobytes(), digest_size=16).hexdigest()
+
+
+def _split(
+    ids: Sequence[str], labels: Sequence[int], classes: Sequence[str], cfg: DataConfig, seed: int, keys: Sequence[str]
+) -> list[Item]:
     """Train/val/test of one pool of items, each image's split from its id, class and ``seed`` (pipeline.splits)."""
     names = [classes[lab] for lab in labels]
     assigned = splits.assign(ids, names, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=seed)
-    return [Item(i, lab, s) for i, lab, s in zip(ids, labels, assigned, strict=True)]
+    return [Item(i, lab, s, k) for i, lab, s, k in zip(ids, labels, assigned, keys, strict=True)]
 
 
 def limit_per_class(items: list[Item], classes: Sequence[str], limit: int, seed: int) -> list[Item]:
@@ -84,79 +99,47 @@ def limit_per_class(items: list[Item], classes: Sequence[str], limit: int, seed:
     return [it for it in items if it.split != "train" or it.id in keep]
 
 
-def _image_files(folder: Path) -> list[Path]:
-    files = (
-        p
-        for p in folder.rglob("*")
-        if p.suffix.lower() in IMAGE_EXTENSIONS
-        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-    )
-    return sorted(files)
-
-
-def _class_dirs(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-
-
-def _imagefolder_listing(root: Path) -> tuple[list[str], dict[str, tuple[list[str], list[int]]]]:
-    """Classes and, per split folder ("" when there are none), the image ids and labels found under ``root``."""
-    if not root.is_dir():
-        raise PipelineError(f"data.root = {str(root)!r} is not a directory: put one folder of images per class there")
-    split_dirs = {s: root / s for s in SPLITS if (root / s).is_dir()}
-    if split_dirs and "train" not in split_dirs:
-        raise PipelineError(f"{root} has {', '.join(split_dirs)} folders but no train/ folder")
-    bases = split_dirs or {"": root}
-    classes = sorted({d.name for base in bases.values() for d in _class_dirs(base)})
-    if not classes:
-        raise PipelineError(f"no class folders under {root}: expected {root}/<class>/<image> or {root}/train/<class>/…")
-    listing = {}
-    for split, base in bases.items():
-        ids, labels = [], []
-        for d in _class_dirs(base):
-            files = _image_files(d)
-            if not files:
-                raise PipelineError(f"class folder {d} has no image files ({', '.join(IMAGE_EXTENSIONS)})")
-            ids += [f.relative_to(root).as_posix() for f in files]
-            labels += [classes.index(d.name)] * len(files)
-        listing[split] = (ids, labels)
-    return classes, listing
-
-
-def imagefolder_ids(cfg: DataConfig) -> list[str]:
-    """Every image id of an imagefolder root, before any split."""
-    _, listing = _imagefolder_listing(Path(cfg.root))
-    return [i for ids, _ in listing.values() for i in ids]
-
-
-def _imagefolder_items(cfg: DataConfig, seed: int, exclude: frozenset[str]) -> tuple[list[Item], list[str]]:
-    classes, listing = _imagefolder_listing(Path(cfg.root))
-    _check_unique(i for ids, _ in listing.values() for i in ids)
-    kept = {}
-    for split, (ids, labels) in listing.items():
-        pairs = [(i, lab) for i, lab in zip(ids, labels, strict=True) if i not in exclude]
-        kept[split] = ([i for i, _ in pairs], [lab for _, lab in pairs])
+def _imagefolder_items(
+    entries: Sequence[listing.Entry], cfg: DataConfig, seed: int, exclude: frozenset[str]
+) -> tuple[list[Item], list[str]]:
+    """Items from the listing (see listing.imagefolder_ids for the layout): classes from every listed file, the
+    excluded ones included, so that leaving a file out never renumbers the classes."""
+    _check_unique(e.id for e in entries)
+    by_split = any(e.id.split("/", 1)[0] in SPLITS for e in entries)  # a split folder makes them all split folders
+    parts = [e.id.split("/")[1:] if by_split else e.id.split("/") for e in entries]
+    classes = sorted({p[0] for p in parts})
     if len(classes) < 2:
         raise PipelineError(f"only one class ({classes[0]!r}) under {cfg.root}: a classifier needs at least two")
+    label = {name: k for k, name in enumerate(classes)}
+    kept: dict[str, list[Item]] = {}  # split folder ("" without them) -> its items
+    for e, p in zip(entries, parts, strict=True):
+        if e.id not in exclude:
+            folder = e.id.split("/", 1)[0] if by_split else ""
+            kept.setdefault(folder, []).append(Item(e.id, label[p[0]], "", e.key))
     if "" in kept:
-        items = _split(*kept[""], classes, cfg, seed)
+        items = _split_items(kept[""], classes, cfg, seed)
     else:
         carve = {"val": cfg.val_fraction, "test": cfg.test_fraction}
         missing = {s for s in carve if s not in kept}
         if missing:  # carve the missing splits out of train, stratified
             carved = DataConfig(val_fraction=carve["val"], test_fraction=carve["test"])
-            cut = _split(*kept["train"], classes, carved, seed)
-            items = [Item(it.id, it.label, it.split if it.split in missing else "train") for it in cut]
+            cut = _split_items(kept.get("train", []), classes, carved, seed)
+            items = [Item(it.id, it.label, it.split if it.split in missing else "train", it.key) for it in cut]
         else:
-            items = [Item(i, lab, "train") for i, lab in zip(*kept["train"], strict=True)]
+            items = [Item(it.id, it.label, "train", it.key) for it in kept["train"]]
         for s in ("val", "test"):
-            if s in kept:
-                items += [Item(i, lab, s) for i, lab in zip(*kept[s], strict=True)]
+            items += [Item(it.id, it.label, s, it.key) for it in kept.get(s, [])]
     for split in SPLITS:
         absent = set(range(len(classes))) - {it.label for it in items if it.split == split}
         if absent:
             names = ", ".join(repr(classes[c]) for c in sorted(absent))
             raise PipelineError(f"the {split} split has no images of class {names}: every class must be in every split")
     return items, classes
+
+
+def _split_items(items: Sequence[Item], classes: Sequence[str], cfg: DataConfig, seed: int) -> list[Item]:
+    ids, labels, keys = [it.id for it in items], [it.label for it in items], [it.key for it in items]
+    return _split(ids, labels, classes, cfg, seed, keys)
 
 
 def _check_unique(ids: Iterable[str]) -> None:
@@ -178,13 +161,15 @@ def _cifar_items(cfg: DataConfig, seed: int) -> tuple[list[Item], list[str]]:
         if not (root / _CIFAR_DIR).is_dir():
             download_and_extract_archive(CIFAR10.url, str(root), filename=CIFAR10.filename, md5=CIFAR10.tgz_md5)
     classes = [str(c) for c in _unpickle(_cifar_file(root, "batches.meta"))["label_names"]]
-    train_labels = np.concatenate([_cifar_batch(root, f"data_batch_{i}")[1] for i in range(1, 6)])
-    test_labels = _cifar_batch(root, "test_batch")[1]
+    train = [_cifar_batch(root, f"data_batch_{i}") for i in range(1, 6)]
+    train_images, train_labels = np.concatenate([b[0] for b in train]), np.concatenate([b[1] for b in train])
+    test_images, test_labels = _cifar_batch(root, "test_batch")
     train_ids = [f"train/{i:05d}" for i in range(len(train_labels))]
     # CIFAR-10 has an official test set; validation comes out of its training set
     carved = DataConfig(val_fraction=cfg.val_fraction, test_fraction=0.0)
-    items = _split(train_ids, train_labels.tolist(), classes, carved, seed)
-    items += [Item(f"test/{i:05d}", int(lab), "test") for i, lab in enumerate(test_labels)]
+    items = _split(train_ids, train_labels.tolist(), classes, carved, seed, [pixel_key(a) for a in train_images])
+    tests = zip(test_labels, test_images, strict=True)
+    items += [Item(f"test/{i:05d}", int(lab), "test", pixel_key(a)) for i, (lab, a) in enumerate(tests)]
     return items, classes
 
 
@@ -195,8 +180,8 @@ def write_manifest(out_dir: Path, items: Sequence[Item], classes: Sequence[str])
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / MANIFEST, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(["id", "split", "label"])
-        writer.writerows([it.id, it.split, it.label] for it in items)
+        writer.writerow(["id", "split", "label", "key"])
+        writer.writerows([it.id, it.split, it.label, it.key] for it in items)
     (out_dir / CLASSES).write_text(json.dumps(list(classes), indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
@@ -205,30 +190,12 @@ def read_manifest(prepared_dir: Path) -> tuple[list[Item], list[str]]:
     if not path.is_file():
         raise PipelineError(f"{path} not found: run the prepare stage first (dvc repro prepare)")
     with open(path, newline="", encoding="utf-8") as f:
-        items = [Item(row["id"], int(row["label"]), row["split"]) for row in csv.DictReader(f)]
+        reader = csv.DictReader(f)
+        if "key" not in (reader.fieldnames or []):
+            raise PipelineError(f"{path} has no content keys (an earlier release wrote it): re-run prepare")
+        items = [Item(row["id"], int(row["label"]), row["split"], row["key"]) for row in reader]
     classes = json.loads((prepared_dir / CLASSES).read_text(encoding="utf-8"))
     return items, classes
-
-
-def fingerprint(cfg: DataConfig, ids: Sequence[str]) -> list[Any]:
-    """A cheap identity of the images' content: each file's size and mtime (imagefolder), the batch files'
-    (cifar10), the scikit-learn release that bundles them (digits)."""
-    root = Path(cfg.root)
-    if cfg.source == "imagefolder":
-        return [(i, *_size_and_mtime(root / i)) for i in ids]
-    if cfg.source == "cifar10":
-        return [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted((root / _CIFAR_DIR).iterdir())]
-    import sklearn
-
-    return [sklearn.__version__]
-
-
-def _size_and_mtime(path: Path) -> tuple[int, int] | tuple[None, None]:
-    try:
-        st = path.stat()
-    except OSError:  # a dangling link: reading it will fail with the reason
-        return None, None
-    return st.st_size, st.st_mtime_ns
 
 
 # ---------------------------------------------------------------------------- readers
@@ -238,7 +205,7 @@ def find_images(paths: Sequence[Path]) -> list[Path]:
     """The image files among ``paths``, with folders searched recursively (hidden files skipped), in order."""
     found: list[Path] = []
     for path in paths:
-        found += _image_files(path) if path.is_dir() else [path]
+        found += listing.image_files(path) if path.is_dir() else [path]
     return found
 
 

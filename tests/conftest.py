@@ -17,7 +17,8 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT_FILES = (
-    "dvc.yaml", "params.yaml", "pipeline", ".dvc/config", ".dvc/.gitignore", ".dvc/plots", ".dvcignore", "data/raw"
+    "dvc.yaml", "params.yaml", "pipeline", ".dvc/config", ".dvc/.gitignore", ".dvc/plots", ".dvcignore", ".gitignore",
+    "data/raw",
 )  # fmt: skip
 
 # Fast settings for end-to-end runs: random weights, the smallest VGG, small images, few epochs.
@@ -209,7 +210,8 @@ def write_blob_features(out_dir: Path, *, n: int = 90, dim: int = 16, seed: int 
 
 # The paths dvc.yaml passes to each stage.
 STAGE_ARGS = {
-    "prepare": ["--out", "data/prepared", "--metrics", "reports/prepare/metrics.json"],
+    "scan": ["--out", "data/images.csv"],
+    "prepare": ["--images", "data/images.csv", "--out", "data/prepared", "--metrics", "reports/prepare/metrics.json"],
     "extract": ["--prepared", "data/prepared", "--out", "data/features", "--metrics", "reports/extract/metrics.json"],
     "train": ["--features", "data/features", "--out", "models/head.pt", "--live", "reports/train"],
     "evaluate": ["--features", "data/features", "--head", "models/head.pt", "--live", "reports/evaluate"],
@@ -217,5 +219,7 @@ STAGE_ARGS = {
 
 
 def run_stage(project: Path, stage: str, check: bool = True) -> subprocess.CompletedProcess:
-    """Run one stage by hand, as dvc.yaml does, in ``project``."""
+    """Run one stage by hand, as dvc.yaml does, in ``project``; prepare after scan, as `dvc repro` runs it."""
+    if stage == "prepare":
+        run_stage(project, "scan", check=check)
     return run(project, "python", "-m", f"pipeline.{stage}", *STAGE_ARGS[stage], check=check)

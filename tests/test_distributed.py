@@ -20,11 +20,10 @@ import torch
 from pipeline import distributed
 from pipeline.distributed import World
 from pipeline.errors import PipelineError
-from pipeline.extract import shard_bounds, split_batches
 from tests.conftest import STAGE_ARGS, make_imagefolder, project_env, run, run_stage, write_params
 
 FEATURES = Path("data/features")
-WORK = Path("data/.extract-progress")
+STORE = Path("data/.feature-store")
 
 
 def stage(project: Path, nproc: int) -> list[str]:
@@ -35,17 +34,6 @@ def stage(project: Path, nproc: int) -> list[str]:
 
 def digests(project: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (project / FEATURES).glob("*.h5")}
-
-
-@pytest.mark.parametrize("size", [1, 2, 3, 7, 40])
-def test_shards_cover_every_row_once_and_cut_only_between_batches(size: int):
-    batches = split_batches([54, 18, 20], batch_size=16)
-    bounds = shard_bounds(batches, size)
-    assert len(bounds) == size and bounds[0][0] == 0 and bounds[-1][1] == 92
-    assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:], strict=False))  # contiguous, in rank order
-    starts = {b[0] for b in batches} | {92}
-    assert all(a in starts and b in starts for a, b in bounds)
-    assert all(abs((b - a) - 92 / size) <= 16 for a, b in bounds)  # as even as whole batches allow
 
 
 def test_each_process_takes_its_gpu_or_its_share_of_the_cores():
@@ -71,8 +59,8 @@ def digits(project: Path) -> Path:
 def test_two_processes_give_byte_identical_features_and_a_failed_one_leaves_no_file(digits: Path):
     run(digits, *stage(digits, 1))
     single = digests(digits)
-    assert json.loads((digits / "reports/extract/metrics.json").read_text())["images"] == 1797
-    for path in [FEATURES, Path("reports/extract")]:
+    assert json.loads((digits / "reports/extract/metrics.json").read_text())["extracted"] == 1797
+    for path in [FEATURES, Path("reports/extract"), STORE]:
         subprocess.run(["rm", "-rf", str(digits / path)], check=True)
 
     # rank 1 is killed once it has saved some rows: the run fails, names it, and leaves no final file
@@ -87,26 +75,25 @@ def test_two_processes_give_byte_identical_features_and_a_failed_one_leaves_no_f
     assert "rank 0 of 2: terminated" in stderr and "Traceback" not in stderr  # stopped by the launcher; kept its rows
     assert not (digits / FEATURES).exists() and not (digits / "reports/extract/metrics.json").exists()
 
-    # the next run continues both shards and gives the bytes of the one-process run
+    # the next run continues with the rows both processes kept and gives the bytes of the one-process run
     result = run(digits, *cmd, "--stats", "stats.json")
-    assert len(re.findall(r"rank [01] of 2: pipeline.progress: resuming", result.stderr)) == 2, result.stderr
+    reused = int(re.search(r"rank 0 of 2: __main__: reused ([\d,]+) rows", result.stderr)[1].replace(",", ""))
+    assert 0 < reused < 1797, result.stderr
     assert digests(digits) == single
-    assert json.loads((digits / "stats.json").read_text())["processes"] == 2
-    assert not (digits / WORK).exists()
+    stats = json.loads((digits / "stats.json").read_text())
+    assert (stats["processes"], stats["reused"], stats["images"]) == (2, reused, 1797 - reused)
 
 
 def wait_for_rank_progress(project: Path, proc: subprocess.Popen, *, rank: int) -> int:
-    """The pid of ``rank`` once it has committed rows, found among the launcher's children by its RANK."""
+    """The pid of ``rank`` once it has committed rows to its segment of the row store, found among the launcher's
+    children by its RANK."""
     deadline = time.monotonic() + 120
     while True:
         assert proc.poll() is None, "extract finished before a process could be killed"
         assert time.monotonic() < deadline
-        states = list((project / WORK).glob(f"*/{rank}-of-2/progress.json"))
-        try:
-            if states and json.loads(states[0].read_text())["rows_done"] > 0:
-                break
-        except (OSError, ValueError):  # caught mid-replace
-            pass
+        keys = list((project / STORE).glob(f"*/{rank}/original.keys"))
+        if keys and keys[0].stat().st_size > 0:
+            break
         time.sleep(0.01)
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -148,7 +135,7 @@ def small(project: Path) -> Path:
 def test_two_machines_sharing_the_project_give_the_one_process_bytes(small: Path):
     run_stage(small, "extract")
     single = digests(small)
-    subprocess.run(["rm", "-rf", str(small / FEATURES)], check=True)
+    subprocess.run(["rm", "-rf", str(small / FEATURES), str(small / STORE)], check=True)
     results = launch_two_machines([small, small])
     assert all(r.returncode == 0 for r in results), [r.stderr[-2000:] for r in results]
     assert digests(small) == single

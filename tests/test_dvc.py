@@ -5,18 +5,24 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
+import os
 import re
 import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import yaml
 
-from pipeline import splits
-from tests.conftest import ROOT, color_image, git, run, write_params
+from pipeline import sources, splits
+from tests.conftest import ROOT, color_image, git, project_env, run, write_params
 
-STAGES = ("prepare", "extract", "train", "evaluate")
+STAGES = ("scan", "prepare", "extract", "train", "evaluate")
 
 
 def repro(project: Path, *args: str) -> list[str]:
@@ -34,15 +40,24 @@ def imagefolder_project(reproduced: Path) -> Path:
     return reproduced
 
 
-def test_second_repro_does_nothing(imagefolder_project: Path):
-    out = run(imagefolder_project, "dvc", "repro").stdout
-    assert "Running stage" not in out and "up to date" in out
+def test_second_repro_only_lists_the_folder_again_and_so_does_one_after_touching_every_image(
+    imagefolder_project: Path,
+):
+    assert repro(imagefolder_project) == ["scan"]
+    for image in (imagefolder_project / "data" / "raw").rglob("*.png"):
+        image.touch()
+    assert repro(imagefolder_project) == ["scan"]  # same bytes, same keys: the listing keeps its bytes
+    assert "nothing to commit" in git_status(imagefolder_project)
+
+
+def git_status(project: Path) -> str:
+    return run(project, "git", "status").stdout
 
 
 def test_head_param_edit_reruns_train_and_evaluate_only(imagefolder_project: Path):
     features = {p.name: digest(p) for p in (imagefolder_project / "data" / "features").glob("*.h5")}
     write_params(imagefolder_project, {"train": {"lr": 0.02}})
-    assert repro(imagefolder_project) == ["train", "evaluate"]
+    assert repro(imagefolder_project) == ["scan", "train", "evaluate"]
     assert {p.name: digest(p) for p in (imagefolder_project / "data" / "features").glob("*.h5")} == features
 
 
@@ -50,35 +65,112 @@ def test_train_code_edit_does_not_rerun_extract(imagefolder_project: Path):
     with open(imagefolder_project / "pipeline" / "train.py", "a") as f:
         f.write("\n# an edit\n")
     # train re-runs; its head comes out byte-identical, so evaluate has nothing new to do
-    assert repro(imagefolder_project) == ["train"]
+    assert repro(imagefolder_project) == ["scan", "train"]
 
 
 def test_image_size_edit_reruns_extract_and_what_follows(imagefolder_project: Path):
     write_params(imagefolder_project, {"extract": {"image_size": 48}})
-    assert repro(imagefolder_project) == ["extract", "train", "evaluate"]
+    assert repro(imagefolder_project) == ["scan", "extract", "train", "evaluate"]
 
 
 def manifest(project: Path) -> dict[str, str]:
-    lines = (project / "data" / "prepared" / "manifest.csv").read_text().splitlines()[1:]
-    return {line.rsplit(",", 2)[0]: line.rsplit(",", 2)[1] for line in lines}
+    """Image id -> split."""
+    items, _ = sources.read_manifest(project / "data" / "prepared")
+    return {it.id: it.split for it in items}
 
 
-def test_added_and_changed_images_rerun_prepare_and_what_follows_and_no_image_changes_split(
-    imagefolder_project: Path,
-):
-    before = manifest(imagefolder_project)
-    root = imagefolder_project / "data" / "raw"
+def test_a_growing_folder_extracts_only_new_and_changed_images_and_keeps_every_split(imagefolder_project: Path):
+    project, root = imagefolder_project, imagefolder_project / "data" / "raw"
+    before = manifest(project)
+    color_image(np.random.default_rng(6), 2).save(root / "dog" / "000.png")  # same name, new pixels
+    (root / "cat" / "001.png").unlink()
+    (root / "owl" / "002.png").rename(root / "owl" / "renamed.png")  # another id, the same bytes
+    assert repro(project) == list(STAGES)
+    assert extracted(project) == (1, 28)  # the changed image alone; deleting and renaming extract nothing
+
     rng = np.random.default_rng(5)
     for k, name in enumerate(("cat", "dog", "owl") * 3):  # 9 more images: 30% more
         color_image(rng, k % 3).save(root / name / f"new{k}.png")
-    color_image(np.random.default_rng(6), 2).save(root / "dog" / "000.png")  # same name, new pixels
-    assert repro(imagefolder_project) == list(STAGES)
-    after = manifest(imagefolder_project)
-    assert len(after) == len(before) + 9
+    assert repro(project) == list(STAGES)
+    assert extracted(project) == (9, 29)
+    after = manifest(project)
+    assert len(after) == len(before) - 1 + 9
     # every image keeps its split, but a stand-in for a class that had no image hashing into a split
     natural = {i: natural_split(i) for i in before}
-    assert all(after[i] == split for i, split in before.items() if split == natural[i])
-    assert all(after[i] in (split, natural[i]) for i, split in before.items())
+    assert all(after[i] == split for i, split in before.items() if i in after and split == natural[i])
+    assert all(after[i] in (split, natural[i]) for i, split in before.items() if i in after)
+
+    grown = {p.name: digest(p) for p in (project / "data" / "features").glob("*.h5")}
+    shutil.rmtree(project / "data" / ".feature-store")
+    assert repro(project, "--force", "--single-item", "extract") == ["extract"]
+    assert extracted(project) == (38, 0)
+    assert {p.name: digest(p) for p in (project / "data" / "features").glob("*.h5")} == grown  # as from scratch
+
+
+def test_an_incremental_run_killed_mid_extraction_resumes_byte_identically(imagefolder_project: Path):
+    project, root = imagefolder_project, imagefolder_project / "data" / "raw"
+    rng = np.random.default_rng(7)
+    for k in range(240):  # 15 batches of 16: a commit every 4
+        color_image(rng, k % 3).save(root / ("cat", "dog", "owl")[k % 3] / f"week2-{k:03d}.png")
+    dvc = subprocess.Popen(["dvc", "repro"], cwd=project, env=project_env(project), stdout=subprocess.DEVNULL)
+    stage = wait_for(lambda: stage_pid(project, "pipeline.extract"), dvc)
+    keys = next((project / "data" / ".feature-store").glob("*/0/original.keys"))
+    wait_for(lambda: keys.stat().st_size > 30 * 16, dvc)  # some of the new rows are committed
+    os.kill(stage, signal.SIGKILL)
+    assert dvc.wait(timeout=60) != 0
+    assert not (project / "data" / "features").exists()
+
+    assert repro(project) == ["scan", "extract", "train", "evaluate"]  # prepare had finished
+    done, reused = extracted(project)
+    assert reused > 30 and done + reused == 270
+    resumed = {p.name: digest(p) for p in (project / "data" / "features").glob("*.h5")}
+    shutil.rmtree(project / "data" / ".feature-store")
+    assert repro(project, "--force", "--single-item", "extract") == ["extract"]
+    assert {p.name: digest(p) for p in (project / "data" / "features").glob("*.h5")} == resumed
+
+
+def wait_for(found: Callable[[], Any], proc: subprocess.Popen, timeout: float = 120) -> Any:
+    deadline = time.monotonic() + timeout
+    while not (value := found()):
+        assert proc.poll() is None, "the run ended first"
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    return value
+
+
+def stage_pid(project: Path, module: str) -> int | None:
+    """The pid of the stage command ``python -m module`` running in ``project``."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            if module.encode() in cmdline and Path(f"/proc/{pid}/cwd").resolve() == project.resolve():
+                return int(pid)
+        except OSError:
+            continue
+    return None
+
+
+def extracted(project: Path) -> tuple[int, int]:
+    """(images extracted, rows reused) by the last extract run."""
+    metrics = json.loads((project / "reports" / "extract" / "metrics.json").read_text())
+    return metrics["extracted"], metrics["reused"]
+
+
+def test_a_dangling_link_is_named_in_one_line_under_raise_and_listed_under_skip(imagefolder_project: Path):
+    project = imagefolder_project
+    (project / "data" / "raw" / "cat" / "gone.jpg").symlink_to(project / "nowhere.jpg")
+    result = run(project, "dvc", "repro", check=False)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [
+        "error: cannot use image 'cat/gone.jpg': dangling link: its target does not exist (1 such file(s); "
+        "set data.on_bad_image: skip to leave them out and list them in skipped.csv)"
+    ], result.stderr
+    write_params(project, {"data": {"on_bad_image": "skip"}})
+    assert repro(project) == ["scan", "prepare", "extract"]  # the same features: train has nothing new
+    skipped = (project / "data" / "prepared" / "skipped.csv").read_text()
+    assert skipped == "id,reason\ncat/gone.jpg,dangling link: its target does not exist\n"
+    assert extracted(project) == (0, 30)  # checking every image decodes changes no row
 
 
 def natural_split(item_id: str, val: float = 0.2, test: float = 0.3) -> str:
@@ -101,20 +193,20 @@ def test_digits_pipeline_end_to_end_with_metrics_and_plots(project: Path):
 def test_a_sweep_over_heads_reuses_the_cached_features(imagefolder_project: Path):
     features = {p.name: digest(p) for p in (imagefolder_project / "data" / "features").glob("*.h5")}
     out = run(imagefolder_project, "dvc", "exp", "run", "-S", "train.head=logreg").stdout
-    assert re.findall(r"Running stage '(\w+)'", out) == ["train", "evaluate"], out
+    assert re.findall(r"Running stage '(\w+)'", out) == ["scan", "train", "evaluate"], out
     assert "logreg" in run(imagefolder_project, "dvc", "exp", "show", "--json").stdout
     plots = json.loads(run(imagefolder_project, "dvc", "plots", "show", "--json").stdout)
     assert "errors" not in plots and {"loss", "accuracy"} <= set(plots["data"])  # logreg draws the curves too
     assert {p.name: digest(p) for p in (imagefolder_project / "data" / "features").glob("*.h5")} == features
 
 
-def test_changing_only_nproc_reruns_extract_alone_and_the_features_keep_their_bytes(imagefolder_project: Path):
+def test_changing_only_nproc_reruns_extract_alone_which_reuses_every_row(imagefolder_project: Path):
     features = {p.name: digest(p) for p in (imagefolder_project / "data" / "features").glob("*.h5")}
     write_params(imagefolder_project, {"extract": {"nproc": 2}})
-    assert repro(imagefolder_project) == ["extract"]  # train sees the same features and does not re-run
+    assert repro(imagefolder_project) == ["scan", "extract"]  # train sees the same features and does not re-run
     assert {p.name: digest(p) for p in (imagefolder_project / "data" / "features").glob("*.h5")} == features
     metrics = json.loads((imagefolder_project / "reports" / "extract" / "metrics.json").read_text())
-    assert metrics["images"] == 30
+    assert (metrics["extracted"], metrics["reused"]) == (0, 30)  # the row store does not depend on nproc
 
 
 def test_a_clone_without_the_images_trains_on_features_pulled_from_the_remote(reproduced: Path, tmp_path: Path):
@@ -124,7 +216,7 @@ def test_a_clone_without_the_images_trains_on_features_pulled_from_the_remote(re
     remote = tmp_path / "remote"
     run(a, "dvc", "add", "data/raw")
     run(a, "dvc", "remote", "add", "--local", "--default", "team", str(remote))
-    assert repro(a) == []  # the same images, now tracked by DVC: nothing to re-run
+    assert repro(a) == ["scan"]  # the same images, now tracked by DVC: nothing to re-run
     run(a, "dvc", "push", "--run-cache")
     git(a, "add", "-A")
     git(a, "commit", "-qm", "features")
@@ -134,8 +226,10 @@ def test_a_clone_without_the_images_trains_on_features_pulled_from_the_remote(re
     run(b, "dvc", "remote", "add", "--local", "--default", "team", str(remote))
     assert not (b / "data" / "raw").exists() and not (b / "data" / "features").exists()
     write_params(b, {"train": {"lr": 0.02}})
-    out = run(b, "dvc", "repro", "--pull", "--allow-missing").stdout
-    assert re.findall(r"Running stage '(\w+)'", out) == ["train", "evaluate"], out
+    result = run(b, "dvc", "repro", "--pull", "--allow-missing")
+    out = result.stdout
+    assert re.findall(r"Running stage '(\w+)'", out) == ["scan", "train", "evaluate"], out
+    assert "keeping the listing data/images.csv as it is" in result.stderr
     assert "Stage 'extract' didn't change" in out and not (b / "data" / "raw").exists()
     for h5 in ("train.h5", "val.h5", "test.h5"):
         assert digest(b / "data" / "features" / h5) == digest(a / "data" / "features" / h5)
@@ -171,4 +265,6 @@ def test_each_stage_run_alone_with_no_arguments_writes_what_dvc_repro_would(imag
         run(imagefolder_project, "python", "-m", f"pipeline.{stage}")
     # every output is back, with dvc.lock's hashes; only the extraction's images/s is another run's
     status = run(imagefolder_project, "dvc", "status").stdout
-    assert status.split() == ["extract:", "changed", "outs:", "modified:", "reports/extract/metrics.json"], status
+    assert status.split() == [
+        "scan:", "always", "changed", "extract:", "changed", "outs:", "modified:", "reports/extract/metrics.json"
+    ], status  # fmt: skip

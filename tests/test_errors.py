@@ -38,7 +38,7 @@ def test_a_broken_image_in_the_second_of_two_processes(project: Path):
     write_params(project, {"data": {"source": "imagefolder"}, "extract": {"batch_size": 4, "nproc": 2}})
     run(project, "dvc", "repro", "prepare")
     rows = [line.split(",") for line in (project / "data/prepared/manifest.csv").read_text().splitlines()[1:]]
-    last = [item for item, split, _ in rows if split == "test"][-1]  # the last row extracted: rank 1's share
+    last = [item for item, split, *_ in rows if split == "test"][-1]  # the last row extracted: rank 1's share
     (project / "data/raw" / last).write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     error = failed_repro(project)
     assert error.startswith(f"error: rank 1 of 2: cannot read image '{last}'")

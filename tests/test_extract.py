@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import hashlib
+import shutil
 from pathlib import Path
 
 import h5py
@@ -14,7 +15,7 @@ from pipeline import backbone, features, sources
 from pipeline import extract as extract_module
 from pipeline.config import parse_params
 from pipeline.errors import PipelineError
-from pipeline.extract import extract, pieces, split_batches
+from pipeline.extract import extract
 from tests.conftest import make_cifar
 
 FAST = {"arch": "vgg11", "weights": "random", "image_size": 32, "batch_size": 8, "num_workers": 0, "precision": "fp32"}
@@ -67,16 +68,6 @@ def test_two_runs_give_byte_identical_files(tmp_path: Path, imagefolder: Path):
         extract(params, tmp_path / "prepared", tmp_path / run)
         digests.append([hashlib.sha256((tmp_path / run / f"{s}.h5").read_bytes()).hexdigest() for s in sources.SPLITS])
     assert digests[0] == digests[1]
-
-
-def test_batches_never_straddle_two_splits():
-    assert split_batches([5, 0, 3], 2) == [[0, 1], [2, 3], [4], [5, 6], [7]]
-
-
-def test_every_decode_worker_takes_a_piece_of_every_batch():
-    batches = split_batches([10, 3], 8)
-    assert pieces(batches, 3) == [[0, 1, 2], [3, 4, 5], [6, 7], [8], [9], [10], [11], [12]]
-    assert pieces(batches, 0) == pieces(batches, 1) == batches
 
 
 def read_split(path: Path) -> tuple[np.ndarray, dict]:
@@ -139,14 +130,17 @@ def digests(out: Path) -> list[str]:
     return [hashlib.sha256((out / f"{s}.h5").read_bytes()).hexdigest() for s in sources.SPLITS]
 
 
-def test_decode_is_in_the_provenance_and_the_run_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """Photos large enough to reduce (300x225 for a 37 px resize): fast and exact features differ a little, and the
-    work files an interrupted fast run kept are never resumed by an exact run."""
+def test_decode_is_in_the_provenance_and_picks_the_row_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Photos large enough to reduce (300x225 for a 37 px resize): fast and exact features differ a little, the
+    rows an interrupted fast run kept are never used by an exact run, and the next fast run continues them."""
     root = make_jpegs(tmp_path / "photos", 24, classes=2, size=(300, 225))
     data = {"source": "imagefolder", "root": str(root)}
     out = extract_each(tmp_path, data, "decode", ("fast", "exact"))
     assert not np.array_equal(out["fast"], out["exact"])
     np.testing.assert_allclose(out["fast"], out["exact"], rtol=0.05, atol=0.05 * np.abs(out["exact"]).max())
+    store = tmp_path / extract_module.STORE_DIR
+    assert len(list(store.iterdir())) == 2  # one store per setting
+    shutil.rmtree(store)
 
     calls = 0
 
@@ -158,12 +152,14 @@ def test_decode_is_in_the_provenance_and_the_run_key(tmp_path: Path, monkeypatch
         return forward(*args, **kwargs)
 
     forward = extract_module._forward
-    params, _, _ = prepare(tmp_path, data, {"decode": "fast", "storage_dtype": "float32"})
+    fast, _, _ = prepare(tmp_path, data, {"decode": "fast", "storage_dtype": "float32"})
     monkeypatch.setattr(extract_module, "_forward", stop_after_one_batch)
     with pytest.raises(KeyboardInterrupt):
-        extract(params, tmp_path / "prepared", tmp_path / "features")
-    assert any((tmp_path / extract_module.PROGRESS_DIR).iterdir())  # a batch of fast rows was kept
+        extract(fast, tmp_path / "prepared", tmp_path / "features")
     monkeypatch.setattr(extract_module, "_forward", forward)
-    params, _, _ = prepare(tmp_path, data, {"decode": "exact", "storage_dtype": "float32"})
-    extract(params, tmp_path / "prepared", tmp_path / "features")
+    exact, _, _ = prepare(tmp_path, data, {"decode": "exact", "storage_dtype": "float32"})
+    assert extract(exact, tmp_path / "prepared", tmp_path / "features")["reused"] == 0
     assert digests(tmp_path / "features") == digests(tmp_path / "exact")
+    stats = extract(fast, tmp_path / "prepared", tmp_path / "features")
+    assert (stats["reused"], stats["images"]) == (8, 16)  # the interrupted run's batch of 8, kept
+    assert digests(tmp_path / "features") == digests(tmp_path / "fast")

@@ -79,7 +79,7 @@ def test_skip_leaves_out_exactly_the_bad_images_and_reports_why(messy: Path):
     assert skipped["cat/truncated.jpg"].startswith("OSError") and "truncated" in skipped["cat/truncated.jpg"]
     assert skipped["cat/empty.jpg"].startswith("UnidentifiedImageError")
     assert skipped["cat/bomb.png"].startswith("DecompressionBomb")
-    assert skipped["cat/dangling.jpg"].startswith("FileNotFoundError")
+    assert skipped["cat/dangling.jpg"] == "dangling link: its target does not exist"
     items, _ = sources.read_manifest(messy / "data" / "prepared")
     assert {f"cat/{name}" for name in GOOD} <= {it.id for it in items}
     metrics = json.loads((messy / "reports" / "prepare" / "metrics.json").read_text())
@@ -88,8 +88,15 @@ def test_skip_leaves_out_exactly_the_bad_images_and_reports_why(messy: Path):
     run_stage(messy, "extract")  # every image left in the manifest decodes
 
 
-def test_raise_stops_extraction_naming_the_file_and_the_problem(messy: Path):
-    run_stage(messy, "prepare")
+def test_raise_stops_at_a_dangling_link_in_prepare_and_at_a_bad_image_in_extract(messy: Path):
+    result = run_stage(messy, "prepare", check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: cannot use image 'cat/dangling.jpg': dangling link: its target does not exist (1 such file(s); "
+        "set data.on_bad_image: skip to leave them out and list them in skipped.csv)"
+    )
+    (messy / "data" / "raw" / "cat" / "dangling.jpg").unlink()
+    run_stage(messy, "prepare")  # the others open: only decoding them tells, which extract does
     result = run_stage(messy, "extract", check=False)
     assert result.returncode == 2
     last = result.stderr.strip().splitlines()[-1]

@@ -1,0 +1,47 @@
+"""Stage `scan`: list the files under ``data.root`` with the content key of each, and why any is unusable.
+
+DVC runs it at every `dvc repro` (``always_changed``), and the stages after it depend on its listing, not on
+the folder: DVC never hashes the folder itself, so a dangling link or an unreadable file there is reported
+through ``data.on_bad_image`` instead of stopping DVC. Behind its stat cache a run reads only new and changed
+files; when nothing changed, the listing keeps its bytes and nothing after it re-runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from pipeline import images, listing
+from pipeline.config import load_params, with_dvc_paths
+from pipeline.errors import run_stage
+from pipeline.files import replaced
+
+log = logging.getLogger(__name__)
+
+
+def stat_cache(listing_path: Path) -> Path:
+    """The stat cache beside the listing, outside DVC's outputs: ``data/images.csv`` -> ``data/.images-stat.json``."""
+    return listing_path.with_name(f".{listing_path.stem}-stat.json")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", type=Path, help="CSV file for the listing: id, key, problem")
+    args = with_dvc_paths(parser.parse_args(), out="images")
+    cfg = load_params().data
+    root = Path(cfg.root)
+    if not root.exists() and args.out.is_file():
+        log.warning("%s is not here: keeping the listing %s as it is (a clone without the images)", root, args.out)
+        return
+    ids = listing.source_ids(cfg.source, root)
+    check = images.image_problem if cfg.source == "imagefolder" and cfg.on_bad_image == "skip" else None
+    entries = listing.scan(root, ids, stat_cache(args.out), check=check)
+    with replaced(args.out) as tmp:
+        listing.write(tmp, entries)
+    problems = sum(bool(e.problem) for e in entries)
+    log.info("%d files under %s, %d of them unusable", len(entries), root, problems)
+
+
+if __name__ == "__main__":
+    run_stage(main)
