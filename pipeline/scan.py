@@ -39,8 +39,11 @@ def main() -> None:
     entries = listing.scan(root, ids, stat_cache(args.out), check=check)
     with replaced(args.out) as tmp:
         listing.write(tmp, entries)
-    problems = sum(bool(e.problem) for e in entries)
-    log.info("%d files under %s, %d of them unusable", len(entries), root, problems)
+    if cfg.source == "digits":
+        log.info("data.source is digits, bundled with scikit-learn: no files to list")
+    else:
+        problems = sum(bool(e.problem) for e in entries)
+        log.info("%d files under %s, %d of them unusable", len(entries), root, problems)
 
 
 if __name__ == "__main__":
