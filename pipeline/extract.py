@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import PIL
 import torch
 import torchvision
 from torch.utils.data import DataLoader
@@ -78,8 +79,11 @@ def extract(params: Params, prepared: Path, out_dir: Path, world: World | None =
     rows = {split: [it for it in items if it.split == split] for split in sources.SPLITS}
     store_root = out_dir.parent / STORE_DIR
     store = _open_store(store_root, base, cfg, device, world)
-    todo = store.missing(_needs(rows, cfg.views))  # content key -> views without a row, in manifest order
-    distributed.check_shared(store.dir, world)  # also a barrier: every process has read the store before any writes
+    distributed.check_shared(store.dir, world)
+    # content key -> views without a row, in manifest order; rank 0's, which every process reads before any writes
+    keys_by_split = {split: [it.key for it in items] for split, items in rows.items()}
+    needs = features.needed_views(keys_by_split, cfg.views)
+    todo = distributed.broadcast(store.missing(needs) if world.main else None, world)
     first_id = {bytes.fromhex(it.key): it.id for it in reversed(items)}  # the id of the first image of each key
     groups = {views: [k for k, v in todo.items() if v == views] for views in dict.fromkeys(todo.values())}
     keys = [k for group in groups.values() for k in group]  # grouped by their views, so a batch has one set of views
@@ -92,7 +96,8 @@ def extract(params: Params, prepared: Path, out_dir: Path, world: World | None =
             "reused %s rows, extracting %s images: %s on %s (%d threads, %d decode workers)",
             f"{reused:,}", f"{len(keys):,}", _describe(cfg, base), device, torch.get_num_threads(), workers,
         )  # fmt: skip
-    reader = sources.ImageReader(params.data, reduce_for=prep.reduce_for(cfg.decode))
+    listed = {it.id: it.key for it in items}  # a file must still have the bytes its rows are stored under
+    reader = sources.ImageReader(params.data, reduce_for=prep.reduce_for(cfg.decode), keys=listed)
     mine = [b for b in batches if start <= b[0] < stop]
     loader = DataLoader(
         backbone.Images([first_id[k] for k in keys], reader, prep),
@@ -113,7 +118,7 @@ def extract(params: Params, prepared: Path, out_dir: Path, world: World | None =
     store = _open_store(store_root, base, cfg, device, world)  # with every process's rows
     with replaced(out_dir) as tmp:
         _write_splits(store, tmp, rows, base, compression=cfg.compression)
-    dropped = store.keep_only(_live(rows, cfg.views))
+    dropped = store.keep_only({v: [key for key, views in needs.items() if v in views] for v in cfg.views})
     store.close()
     prune_stores(store_root, cfg.keep_stores, store.dir)
     stats = _totals(shares, merge_start, time.time()) | {"reused": reused, "dropped": dropped}
@@ -148,32 +153,20 @@ def _network(
 
 def _open_store(root: Path, base: dict[str, Any], cfg: ExtractConfig, device: torch.device, world: World) -> RowStore:
     """This setting's row store. What a row's bytes depend on picks it; not the class names (renaming a class
-    folder reuses its rows), nor the views (each view has its own rows)."""
+    folder reuses its rows), nor the views (each view has its own rows), nor the seed with trained weights."""
     if world.main and (root.parent / OLD_PROGRESS_DIR).is_dir():
         shutil.rmtree(root.parent / OLD_PROGRESS_DIR, ignore_errors=True)
-    settings = {k: v for k, v in base.items() if k not in ("class_names", "views")}
-    settings |= {"batch_size": cfg.batch_size, "device": device.type}  # the batch shape can change the last bits
+    ignored = ("class_names", "views") + (() if cfg.weights == "random" else ("seed",))
+    settings = {k: v for k, v in base.items() if k not in ignored}
+    settings |= {
+        "batch_size": cfg.batch_size,  # the batch shape can change the last bits, and so can
+        "compile": cfg.compile,  # compiled kernels,
+        "device": device.type,
+        "pillow": PIL.__version__,  # the decoder and resampling,
+        "cuda": torch.version.cuda if device.type == "cuda" else None,  # and the GPU libraries
+        "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
+    }
     return RowStore(root / settings_key(settings), segment=world.rank, dim=base["feature_dim"], dtype=cfg.storage_dtype)
-
-
-def _needs(rows: dict[str, list[sources.Item]], views: Sequence[str]) -> dict[bytes, tuple[str, ...]]:
-    """Content key -> the views it needs rows for (train: every view; val and test: the original), manifest order."""
-    needs: dict[bytes, tuple[str, ...]] = {}
-    for split, items in rows.items():
-        for it in items:
-            want = features.split_views(views, split)
-            have = needs.get(bytes.fromhex(it.key), ())
-            needs[bytes.fromhex(it.key)] = tuple(v for v in views if v in want or v in have)
-    return needs
-
-
-def _live(rows: dict[str, list[sources.Item]], views: Sequence[str]) -> dict[str, list[bytes]]:
-    """View -> the content keys whose rows the final files use."""
-    live: dict[str, list[bytes]] = {v: [] for v in views}
-    for key, wanted in _needs(rows, views).items():
-        for v in wanted:
-            live[v].append(key)
-    return live
 
 
 def _describe(cfg: ExtractConfig, base: dict[str, Any]) -> str:

@@ -53,6 +53,18 @@ def split_views(views: Sequence[str], split: str) -> list[str]:
     return list(views) if split == "train" else ["original"]
 
 
+def needed_views(keys: Mapping[str, Sequence[str]], views: Sequence[str]) -> dict[bytes, tuple[str, ...]]:
+    """Content key -> the views the split files keep of it, given each split's hex keys: every view in train
+    (augmentation), the original elsewhere; an image in two splits needs both's. In the order of ``keys``."""
+    needs: dict[bytes, tuple[str, ...]] = {}
+    for split, hex_keys in keys.items():
+        want = split_views(views, split)
+        for key in map(bytes.fromhex, hex_keys):
+            have = needs.get(key, ())
+            needs[key] = tuple(v for v in views if v in want or v in have)
+    return needs
+
+
 def identity(provenance: Mapping[str, Any]) -> dict[str, Any]:
     """The part of a provenance that determines the features (what must match between files and heads)."""
     return {key: provenance.get(key) for key in IDENTITY_KEYS}  # a key older files lack is None: a mismatch

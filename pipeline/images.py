@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -23,7 +24,7 @@ IMAGE_ERRORS = (
 )
 
 
-def open_image(path: Path, reduce_for: int = 0) -> Image.Image:
+def open_image(path: Path | IO[bytes], reduce_for: int = 0) -> Image.Image:
     """An image file as 8-bit RGB, with its EXIF orientation applied; raises one of IMAGE_ERRORS if unreadable.
 
     ``reduce_for``: the shorter side that a resize will bring the image to next (0: decode at full size). A JPEG

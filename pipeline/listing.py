@@ -4,7 +4,8 @@ cannot be used, if it cannot. The stages depend on this listing instead of on th
 The content key is the first 16 bytes of the file's BLAKE2b hash. A stat cache beside the listing keeps each
 file's size, modification time and inode with its key, as DVC's own state database does, so that only new and
 changed files are read again. A file that was touched but not changed gets its old key, and the listing keeps
-its bytes.
+its bytes. A file modified within ``RACY_NS`` of a scan is read again by the next one (a change in the same
+clock tick as the hash would leave the stat unchanged), and a file that could not be read is never cached.
 
 Problems are reasons, not crashes: a dangling link, a file that cannot be read, and (when asked) a file that
 does not decode. What becomes of them is ``data.on_bad_image``'s choice, made in ``prepare``.
@@ -17,9 +18,11 @@ import csv
 import hashlib
 import json
 import os
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
@@ -28,8 +31,9 @@ from pipeline.errors import PipelineError
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 SPLIT_DIRS = ("train", "val", "test")
 CIFAR_DIR = "cifar-10-batches-py"
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 READ_BYTES = 1 << 20
+RACY_NS = 2 * 10**9
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,13 @@ def imagefolder_ids(root: Path) -> list[str]:
     return ids
 
 
+def present(source: str, root: Path) -> bool:
+    """Whether ``root`` holds the files of ``source`` (a clone without the images has none)."""
+    if source == "imagefolder":
+        return root.is_dir() and any(p.is_dir() and not p.name.startswith(".") for p in root.iterdir())
+    return source != "cifar10" or (root / CIFAR_DIR).is_dir()
+
+
 def source_ids(source: str, root: Path) -> list[str]:
     """The files of ``source`` under ``root``: the images of an image folder, CIFAR-10's batch files, none for
     digits (bundled with scikit-learn)."""
@@ -103,6 +114,7 @@ def scan(
     bytes (``cache_path`` None: no cache). ``check``, when given, decodes each new or changed file once and says
     why it is unusable ("" when it is fine)."""
     cache = _read_cache(cache_path) if cache_path else {}
+    settled = time.time_ns() - RACY_NS  # files modified after this are hashed again next time
     stats = {i: _stat(root / i) for i in ids}
     fresh = {
         i: cache[i] for i in ids if isinstance(stats[i], tuple) and _hit(cache.get(i), stats[i], checked=bool(check))
@@ -121,13 +133,14 @@ def scan(
         problem = key[1:] if key.startswith("!") else problems[i]
         fresh[i] = [*stats[i], "" if key.startswith("!") else key, problem, bool(check)]
     if cache_path:
-        _write_cache(cache_path, {i: fresh[i] for i in ids if i in fresh})
+        _write_cache(cache_path, {i: e for i, e in fresh.items() if e[3] and e[1] < settled})
     entries = []
     for i in ids:
         if isinstance(stats[i], str):
             entries.append(Entry(i, "", stats[i]))
-        else:
-            entries.append(Entry(i, fresh[i][3], fresh[i][4]))
+        else:  # a decode problem counts only while decoding is checked: the listing never depends on the past
+            _, _, _, key, problem, _ = fresh[i]
+            entries.append(Entry(i, key, problem if (check or not key) else ""))
     return entries
 
 
@@ -148,7 +161,7 @@ def _hit(cached: list | None, stat: tuple[int, int, int], *, checked: bool) -> b
 
 def _key(path: Path) -> str:
     """The hex content key of a file, or "!" and why it cannot be read."""
-    h = hashlib.blake2b(digest_size=16)
+    h = content_hash()
     try:
         with open(path, "rb") as f:
             while block := f.read(READ_BYTES):
@@ -156,6 +169,11 @@ def _key(path: Path) -> str:
     except OSError as err:
         return f"!{type(err).__name__}: {err.strerror}"
     return h.hexdigest()
+
+
+def content_hash(data: bytes = b"") -> Any:
+    """The hash whose hex digest is a file's content key."""
+    return hashlib.blake2b(data, digest_size=16)
 
 
 def _progress(results: Iterable, total: int, desc: str) -> Iterable:

@@ -31,8 +31,8 @@ def main() -> None:
     args = with_dvc_paths(parser.parse_args(), out="images")
     cfg = load_params().data
     root = Path(cfg.root)
-    if not root.exists() and args.out.is_file():
-        log.warning("%s is not here: keeping the listing %s as it is (a clone without the images)", root, args.out)
+    if not listing.present(cfg.source, root) and args.out.is_file():
+        log.warning("no images in %s: keeping the listing %s as it is (a clone without the images)", root, args.out)
         return
     ids = listing.source_ids(cfg.source, root)
     check = images.image_problem if cfg.source == "imagefolder" and cfg.on_bad_image == "skip" else None

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import logging
 import pickle
 import unicodedata
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -210,12 +211,16 @@ def find_images(paths: Sequence[Path]) -> list[Path]:
 
 
 class ImageReader:
-    """Opens an item id of one source as an RGB PIL image. Cheap to copy into DataLoader workers."""
+    """Opens an item id of one source as an RGB PIL image. Cheap to copy into DataLoader workers.
 
-    def __init__(self, cfg: DataConfig, reduce_for: int = 0) -> None:
+    ``keys``: image id -> the content key the file had when it was listed; a file whose bytes no longer have it
+    is refused (a row must be the row of the bytes it is stored under)."""
+
+    def __init__(self, cfg: DataConfig, reduce_for: int = 0, keys: Mapping[str, str] | None = None) -> None:
         self.source = cfg.source
         self.root = Path(cfg.root)
         self.reduce_for = reduce_for  # see open_image
+        self.keys = keys
         self._arrays: dict[str, np.ndarray] = {}
         if cfg.source == "digits":
             from sklearn.datasets import load_digits
@@ -228,8 +233,13 @@ class ImageReader:
             self._arrays["test"] = _cifar_batch(self.root, "test_batch")[0]
 
     def __call__(self, item_id: str) -> Image.Image:
-        if self.source == "imagefolder":
+        if self.source == "imagefolder" and self.keys is None:
             return open_image(self.root / item_id, self.reduce_for)
+        if self.source == "imagefolder":
+            data = (self.root / item_id).read_bytes()
+            if listing.content_hash(data).hexdigest() != self.keys[item_id]:
+                raise OSError("the file changed after the scan stage listed it: run dvc repro again")
+            return open_image(io.BytesIO(data), self.reduce_for)
         group, index = item_id.split("/")
         return Image.fromarray(self._arrays[group][int(index)]).convert("RGB")
 

@@ -70,11 +70,12 @@ class RowStore:
         """Rows of ``view`` in ``seg`` that have both their bytes and their key; the own segment's torn tail (a
         kill between a row and its key) is cut off."""
         rows, keys = seg / f"{view}.bin", seg / f"{view}.keys"
-        n = min(rows.stat().st_size // self._row_bytes, keys.stat().st_size // KEY_BYTES) if rows.exists() else 0
+        size = {p: p.stat().st_size if p.exists() else 0 for p in (rows, keys)}  # a kill may come between creating them
+        n = min(size[rows] // self._row_bytes, size[keys] // KEY_BYTES)
         if seg == self._own:
-            for path, size in ((rows, n * self._row_bytes), (keys, n * KEY_BYTES)):
-                if path.exists() and path.stat().st_size != size:
-                    os.truncate(path, size)
+            for path, want in ((rows, n * self._row_bytes), (keys, n * KEY_BYTES)):
+                if size[path] != want:
+                    os.truncate(path, want)
         return n
 
     def missing(self, needs: Mapping[bytes, Sequence[str]]) -> dict[bytes, tuple[str, ...]]:
@@ -99,7 +100,8 @@ class RowStore:
 
     def commit(self) -> None:
         """Make the rows appended so far survive a kill: rows flushed to disk first, then their keys."""
-        for view, keys in self._pending.items():
+        pending, self._pending = self._pending, {}  # an interrupted commit is not written twice
+        for view, keys in pending.items():
             rows_file, keys_file = self._files[view]
             _sync(rows_file)
             start = rows_file.tell() // self._row_bytes - len(keys)
@@ -109,7 +111,6 @@ class RowStore:
             for k, key in enumerate(keys):
                 index[key] = (self._own.name, start + k)
             self.rows_on_disk += len(keys)
-        self._pending = {}
 
     def read(self, view: str, keys: Sequence[bytes]) -> np.ndarray:
         """The rows of ``keys`` for ``view``, as a (len(keys), dim) array in the storage dtype."""
@@ -118,7 +119,9 @@ class RowStore:
         for seg in {s for s, _ in where}:
             mine = np.array([i for i, (s, _) in enumerate(where) if s == seg], dtype=np.int64)
             rows = np.array([where[i][1] for i in mine], dtype=np.int64)
-            data = np.memmap(self.dir / seg / f"{view}.bin", dtype=self.dtype, mode="r").reshape(-1, self.dim)
+            path = self.dir / seg / f"{view}.bin"
+            whole = path.stat().st_size // self._row_bytes  # another process's segment may end in a partial row
+            data = np.memmap(path, dtype=self.dtype, mode="r", shape=(whole, self.dim))
             out[mine] = data[rows]
             del data
         return out
@@ -137,10 +140,11 @@ class RowStore:
         every other process has closed its store; a kill at any point leaves a store with every live row."""
         live = {view: list(dict.fromkeys(keys)) for view, keys in live.items()}
         dropped = self.rows_on_disk - sum(len(k) for k in live.values())
-        if dropped <= 0:
-            return 0
-        old, merged = _segments(self.dir), self.dir / "merged"
-        new = self.dir / "merged.partial"
+        old = _segments(self.dir)
+        if dropped <= 0 or any(_busy(seg) for seg in old if seg != self._own):
+            return 0  # nothing to drop, or a process of an earlier run still appends (next time, then)
+        merged = self.dir / f"merged-{os.getpid()}"
+        new = merged.with_suffix(".partial")
         new.mkdir()
         for view, keys in live.items():
             with open(new / f"{view}.bin", "wb") as rows_file, open(new / f"{view}.keys", "wb") as keys_file:
@@ -150,8 +154,7 @@ class RowStore:
                 keys_file.write(b"".join(keys))
                 _sync(keys_file)
         self.close()
-        shutil.rmtree(merged, ignore_errors=True)  # a merge that a kill cut short: its rows are in the new one
-        os.replace(new, merged)  # from here on a complete segment; the others are duplicates
+        os.replace(new, merged)  # from here on a complete segment; the others (a cut-short merge too) duplicates
         for seg in old:
             shutil.rmtree(seg, ignore_errors=True)
             _lock_path(seg).unlink(missing_ok=True)
@@ -166,11 +169,12 @@ def prune_stores(root: Path, keep: int, current: Path) -> list[Path]:
     every one, ``current`` included). Returns what was deleted."""
     stores = [p for p in Path(root).iterdir() if p.is_dir()] if Path(root).is_dir() else []
     stores.sort(key=lambda p: (p != current, -_used(p)))
-    for store in stores[keep:]:
+    deleted = [s for s in stores[keep:] if not any(_busy(seg) for seg in _segments(s))]  # else still appended to
+    for store in deleted:
         shutil.rmtree(store, ignore_errors=True)
     if keep == 0 and Path(root).is_dir() and not any(Path(root).iterdir()):
         Path(root).rmdir()
-    return stores[keep:]
+    return deleted
 
 
 def disk_bytes(root: Path) -> int:
@@ -191,6 +195,19 @@ def _used(store: Path) -> float:
 def _sync(f: Any) -> None:
     f.flush()
     os.fsync(f.fileno())
+
+
+def _busy(segment: Path) -> bool:
+    """Whether a process holds ``segment``'s lock."""
+    if not _lock_path(segment).exists():
+        return False
+    with open(_lock_path(segment), "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return False
 
 
 def _lock_path(segment: Path) -> Path:

@@ -17,10 +17,17 @@ def scan(root: Path, cache: Path, **kwargs) -> dict[str, listing.Entry]:
     return {e.id: e for e in listing.scan(root, listing.imagefolder_ids(root), cache, **kwargs)}
 
 
+def settle(root: Path) -> None:
+    """Give every file a modification time well before now, as files that were not just written have."""
+    for path in root.rglob("*.png"):
+        os.utime(path, ns=(10**18, 10**18))
+
+
 def test_keys_are_the_bytes_hash_and_only_new_or_changed_files_are_read_again(
     imagefolder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
     cache = tmp_path / "stat.json"
+    settle(imagefolder)
     first = scan(imagefolder, cache)
     assert len(first) == 20 and not any(e.problem for e in first.values())
     cat = imagefolder / "cat" / "000.png"
@@ -36,6 +43,9 @@ def test_keys_are_the_bytes_hash_and_only_new_or_changed_files_are_read_again(
     assert sorted(read) == ["000.png", "001.png"]
     assert again["cat/000.png"] == first["cat/000.png"]
     assert again["dog/001.png"].key == first["dog/002.png"].key != first["dog/001.png"].key
+    read.clear()
+    scan(imagefolder, cache)  # dog/001.png was modified just now: a change in the same clock tick would not show
+    assert read == ["001.png"]
 
 
 def test_problems_are_listed_with_their_reason(imagefolder: Path, tmp_path: Path):
@@ -49,6 +59,11 @@ def test_problems_are_listed_with_their_reason(imagefolder: Path, tmp_path: Path
     assert sum(bool(e.problem) for e in found.values()) == 3
     unchecked = scan(imagefolder, tmp_path / "other.json")  # without the decode check an empty file is listed
     assert unchecked["cat/empty.jpg"].problem == ""
+    settle(imagefolder)
+    assert scan(imagefolder, tmp_path / "stat.json")["cat/empty.jpg"].problem == ""  # whatever was checked before
+    (imagefolder / "cat" / "folder.jpg").rmdir()
+    (imagefolder / "cat" / "folder.jpg").write_bytes((imagefolder / "cat" / "000.png").read_bytes())
+    assert scan(imagefolder, tmp_path / "stat.json")["cat/folder.jpg"].problem == ""  # a failed read is not cached
 
 
 def test_a_decode_check_runs_once_a_file_even_when_switched_on_later(imagefolder: Path, tmp_path: Path):

@@ -133,3 +133,14 @@ def test_manifest_round_trips_ids_with_commas_and_unicode(tmp_path: Path):
     items = [sources.Item("caf\u00e9/a, b.png", 0, "train"), sources.Item("dog/x.png", 1, "test")]
     sources.write_manifest(tmp_path, items, ["caf\u00e9", "dog"])
     assert sources.read_manifest(tmp_path) == (items, ["caf\u00e9", "dog"])
+
+
+def test_a_reader_given_content_keys_refuses_a_file_that_changed_since_it_was_listed(imagefolder: Path):
+    cfg = DataConfig(source="imagefolder", root=str(imagefolder))
+    items, _ = sources.discover(cfg, 0)
+    keys = {it.id: it.key for it in items}
+    reader = sources.ImageReader(cfg, keys=keys)
+    assert reader("cat/000.png").size == sources.ImageReader(cfg)("cat/000.png").size
+    (imagefolder / "cat" / "000.png").write_bytes((imagefolder / "cat" / "001.png").read_bytes())
+    with pytest.raises(OSError, match="changed after the scan stage listed it"):
+        reader("cat/000.png")

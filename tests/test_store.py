@@ -89,3 +89,47 @@ def test_rows_keep_their_bits(tmp_path: Path, dtype: str):
     store.append([key(i) for i in range(5)], {"original": x})
     store.commit()
     assert store.read("original", [key(i) for i in range(5)]).tobytes() == x.tobytes()
+
+
+def test_a_compaction_cut_short_leaves_every_live_row_and_the_next_one_finishes(tmp_path: Path):
+    store = RowStore(tmp_path, segment=0, dim=DIM, dtype="float32")
+    store.append([key(i) for i in (1, 2, 3)], {"original": rows(1, 2, 3)})
+    store.close()
+    store = RowStore(tmp_path, segment=0, dim=DIM, dtype="float32")
+    store.keep_only({"original": [key(1), key(2)]})
+    os.rename(tmp_path / "0", tmp_path / "merged-1")  # as if killed after the merge, before the swap
+    (tmp_path / "0").mkdir()
+    for name in ("original.bin", "original.keys"):  # the old segment, still there
+        (tmp_path / "0" / name).write_bytes(b"")
+    store = RowStore(tmp_path, segment=1, dim=DIM, dtype="float32")
+    store.append([key(4)], {"original": rows(4)})
+    store.close()
+    store = RowStore(tmp_path, segment=0, dim=DIM, dtype="float32")
+    assert store.keep_only({"original": [key(2), key(4)]}) == 1
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["0"]
+    store = RowStore(tmp_path, segment=0, dim=DIM, dtype="float32")
+    np.testing.assert_array_equal(store.read("original", [key(2), key(4)]), rows(2, 4))
+
+
+def test_a_segment_another_process_holds_is_read_but_never_compacted_away(tmp_path: Path):
+    other = RowStore(tmp_path, segment=1, dim=DIM, dtype="float32")
+    other.append([key(1), key(2)], {"original": rows(1, 2)})
+    other.commit()
+    with open(tmp_path / "1" / "original.bin", "ab") as f:
+        f.write(b"\0" * 5)  # its next row, half written
+    store = RowStore(tmp_path, segment=0, dim=DIM, dtype="float32")
+    np.testing.assert_array_equal(store.read("original", [key(2)]), rows(2))
+    assert store.keep_only({"original": [key(2)]}) == 0  # segment 1 is still locked: nothing removed
+    assert (tmp_path / "1" / "original.keys").stat().st_size == 2 * 16
+    other.close()
+
+
+def test_a_rows_file_without_its_keys_file_counts_as_empty(tmp_path: Path):
+    (tmp_path / "0").mkdir(parents=True)
+    (tmp_path / "0" / "original.bin").write_bytes(rows(7).tobytes())  # killed between creating the two files
+    store = RowStore(tmp_path, segment=0, dim=DIM, dtype="float32")
+    assert not any(store.index.values())
+    store.append([key(1)], {"original": rows(1)})
+    store.close()
+    store = RowStore(tmp_path, segment=0, dim=DIM, dtype="float32")
+    np.testing.assert_array_equal(store.read("original", [key(1)]), rows(1))
