@@ -25,7 +25,7 @@ import torchvision
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from pipeline import backbone, distributed, features, sources
+from pipeline import backbone, committed, distributed, features, sources
 from pipeline.batches import joined, pieces, shard_bounds, split_batches
 from pipeline.config import ExtractConfig, Params, load_params, to_dict, with_dvc_paths
 from pipeline.distributed import World
@@ -79,10 +79,11 @@ def extract(params: Params, prepared: Path, out_dir: Path, world: World | None =
     rows = {split: [it for it in items if it.split == split] for split in sources.SPLITS}
     store_root = out_dir.parent / STORE_DIR
     store = _open_store(store_root, base, cfg, device, world)
+    needs = features.needed_views({split: [it.key for it in items] for split, items in rows.items()}, cfg.views)
+    if world.main and store.rows_on_disk == 0:  # a new store: take what the recorded features hold
+        committed.seed(store, needs, out_dir)
     distributed.check_shared(store.dir, world)
     # content key -> views without a row, in manifest order; rank 0's, which every process reads before any writes
-    keys_by_split = {split: [it.key for it in items] for split, items in rows.items()}
-    needs = features.needed_views(keys_by_split, cfg.views)
     todo = distributed.broadcast(store.missing(needs) if world.main else None, world)
     first_id = {bytes.fromhex(it.key): it.id for it in reversed(items)}  # the id of the first image of each key
     groups = {views: [k for k, v in todo.items() if v == views] for views in dict.fromkeys(todo.values())}
@@ -231,12 +232,12 @@ def _write_splits(
         views = features.split_views(base["views"], split)
         with features.FeatureWriter(
             out_dir / f"{split}.h5", n=n, dim=base["feature_dim"], dtype=base["storage_dtype"], views=views,
-            provenance=base | {"split": split}, compression=compression,
+            provenance=base | {"split": split}, compression=compression, row_settings=store.dir.name,
         ) as writer:  # fmt: skip
             for a in range(0, n, WRITE_ROWS):
                 b = min(n, a + WRITE_ROWS)
                 blocks = {v: store.read(v, keys[a:b]) for v in views}
-                writer.write(a, blocks, labels[a:b], [it.id for it in items[a:b]])
+                writer.write(a, blocks, labels[a:b], [it.id for it in items[a:b]], keys[a:b])
 
 
 def _forward(

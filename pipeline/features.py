@@ -6,7 +6,8 @@ Layout of ``{split}.h5``::
     features_hflip    (N, D)  same dtype       train split only, when extract.views has hflip
     labels            (N,)    int64
     ids               (N,)    utf-8 strings     item ids from the manifest
-    attrs             provenance (see PROVENANCE_KEYS)
+    keys              (N, 16) uint8             the content key of each row's image (files written by extract)
+    attrs             provenance (see PROVENANCE_KEYS); ``row_settings``, the row store the rows came from
 
 Every dataset is chunked along N with chunks of at most about 1 MiB, and created with
 ``track_times=False`` so that the same inputs give byte-identical files.
@@ -97,33 +98,22 @@ class FeatureWriter:
         provenance: Mapping[str, Any],
         compression: str = "none",
         queue_size: int = 4,
+        row_settings: str | None = None,
     ) -> None:
+        """``row_settings``: write each row's content key (``write(keys=…)``) and the row store they name."""
         missing = set(PROVENANCE_KEYS) - set(provenance)
         assert not missing, f"provenance lacks {sorted(missing)}"
         self.path = Path(path)
         self._tmp = self.path.with_name(self.path.name + ".partial")
         self._file = h5py.File(self._tmp, "w")
         self._float16 = np.dtype(dtype) == np.float16
-        chunked = n > 0  # HDF5 cannot chunk an empty dataset
         for view in views:
-            self._file.create_dataset(
-                dataset_name(view),
-                shape=(n, dim),
-                dtype=dtype,
-                chunks=(chunk_rows(dim, np.dtype(dtype).itemsize, n), dim) if chunked else None,
-                compression=None if compression == "none" or not chunked else compression,
-                track_times=False,
-            )
-        self._file.create_dataset(
-            "labels", shape=(n,), dtype="int64", chunks=(chunk_rows(1, 8, n),) if chunked else None, track_times=False
-        )
-        self._file.create_dataset(
-            "ids",
-            shape=(n,),
-            dtype=h5py.string_dtype("utf-8"),
-            chunks=(chunk_rows(1, 64, n),) if chunked else None,
-            track_times=False,
-        )
+            _create(self._file, dataset_name(view), (n, dim), dtype, np.dtype(dtype).itemsize, compression)
+        _create(self._file, "labels", (n,), "int64", 8)
+        _create(self._file, "ids", (n,), h5py.string_dtype("utf-8"), 64)
+        if row_settings is not None:
+            _create(self._file, "keys", (n, 16), "uint8", 1)
+            self._file.attrs["row_settings"] = row_settings
         for key in PROVENANCE_KEYS:
             self._file.attrs[key] = _to_attr(provenance[key])
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
@@ -131,7 +121,14 @@ class FeatureWriter:
         self._thread = threading.Thread(target=self._drain, name=f"write {self.path.name}", daemon=True)
         self._thread.start()
 
-    def write(self, start: int, features: Mapping[str, np.ndarray], labels: np.ndarray, ids: Sequence[str]) -> None:
+    def write(
+        self,
+        start: int,
+        features: Mapping[str, np.ndarray],
+        labels: np.ndarray,
+        ids: Sequence[str],
+        keys: Sequence[bytes] = (),
+    ) -> None:
         """Queue rows [start, start + len(labels)); ``features`` maps each view to its (rows, D) block."""
         if self._error is not None:
             raise self._error
@@ -141,7 +138,7 @@ class FeatureWriter:
                     f"features reach {np.abs(block).max():.3g}, beyond float16's range: "
                     "set extract.storage_dtype: float32"
                 )
-        self._queue.put((start, features, labels, ids))
+        self._queue.put((start, features, labels, ids, keys))
 
     def _drain(self) -> None:
         while (job := self._queue.get()) is not None:
@@ -151,12 +148,21 @@ class FeatureWriter:
                 except BaseException as err:  # handed to the caller's thread
                     self._error = err
 
-    def _write(self, start: int, features: Mapping[str, np.ndarray], labels: np.ndarray, ids: Sequence[str]) -> None:
+    def _write(
+        self,
+        start: int,
+        features: Mapping[str, np.ndarray],
+        labels: np.ndarray,
+        ids: Sequence[str],
+        keys: Sequence[bytes],
+    ) -> None:
         stop = start + len(labels)
         for view, block in features.items():
             self._file[dataset_name(view)][start:stop] = block
         self._file["labels"][start:stop] = labels
         self._file["ids"][start:stop] = list(ids)
+        if keys and "keys" in self._file:  # written only by a keyed writer (row_settings)
+            self._file["keys"][start:stop] = np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(-1, 16)
 
     def _finish(self) -> None:
         self._queue.put(None)
@@ -265,6 +271,22 @@ def _open(path: Path) -> h5py.File:
         f.close()
         raise PipelineError(f"{path} is not a feature file of this pipeline (schema {SCHEMA}); re-run extract")
     return f
+
+
+def _create(
+    f: h5py.File, name: str, shape: tuple[int, ...], dtype: Any, itemsize: int, compression: str = "none"
+) -> None:
+    """A dataset chunked along N in chunks of about 1 MiB (HDF5 cannot chunk an empty one), without timestamps."""
+    n, width = shape[0], int(np.prod(shape[1:]))
+    chunked = n > 0
+    f.create_dataset(
+        name,
+        shape=shape,
+        dtype=dtype,
+        chunks=(chunk_rows(width, itemsize, n), *shape[1:]) if chunked else None,
+        compression=None if compression == "none" or not chunked else compression,
+        track_times=False,
+    )
 
 
 def _provenance(f: h5py.File) -> dict[str, Any]:

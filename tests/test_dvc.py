@@ -101,10 +101,8 @@ def test_a_growing_folder_extracts_only_new_and_changed_images_and_keeps_every_s
     assert all(after[i] in (split, natural[i]) for i, split in before.items() if i in after)
 
     grown = {p.name: digest(p) for p in (project / "data" / "features").glob("*.h5")}
-    shutil.rmtree(project / "data" / ".feature-store")
-    assert repro(project, "--force", "--single-item", "extract") == ["extract"]
+    assert from_scratch(project) == grown
     assert extracted(project) == (38, 0)
-    assert {p.name: digest(p) for p in (project / "data" / "features").glob("*.h5")} == grown  # as from scratch
 
 
 def test_an_incremental_run_killed_mid_extraction_resumes_byte_identically(imagefolder_project: Path):
@@ -124,9 +122,7 @@ def test_an_incremental_run_killed_mid_extraction_resumes_byte_identically(image
     done, reused = extracted(project)
     assert reused > 30 and done + reused == 270
     resumed = {p.name: digest(p) for p in (project / "data" / "features").glob("*.h5")}
-    shutil.rmtree(project / "data" / ".feature-store")
-    assert repro(project, "--force", "--single-item", "extract") == ["extract"]
-    assert {p.name: digest(p) for p in (project / "data" / "features").glob("*.h5")} == resumed
+    assert from_scratch(project) == resumed
 
 
 def wait_for(found: Callable[[], Any], proc: subprocess.Popen, timeout: float = 120) -> Any:
@@ -148,6 +144,14 @@ def stage_pid(project: Path, module: str) -> int | None:
         except OSError:
             continue
     return None
+
+
+def from_scratch(project: Path) -> dict[str, str]:
+    """The digests of the features of `dvc repro extract` with no row store and no recorded features to take."""
+    for path in ("data/.feature-store", ".dvc/cache", "data/features"):
+        shutil.rmtree(project / path, ignore_errors=True)
+    assert repro(project, "--force", "--single-item", "extract") == ["extract"]
+    return {p.name: digest(p) for p in (project / "data" / "features").glob("*.h5")}
 
 
 def extracted(project: Path) -> tuple[int, int]:
@@ -209,8 +213,11 @@ def test_changing_only_nproc_reruns_extract_alone_which_reuses_every_row(imagefo
     assert (metrics["extracted"], metrics["reused"]) == (0, 30)  # the row store does not depend on nproc
 
 
-def test_a_clone_without_the_images_trains_on_features_pulled_from_the_remote(reproduced: Path, tmp_path: Path):
-    """Clone A extracts and pushes to a shared directory; clone B has no images, pulls, and never extracts."""
+def test_a_clone_without_images_trains_on_pulled_features_then_extracts_only_the_images_it_adds(
+    reproduced: Path, tmp_path: Path
+):
+    """Clone A extracts and pushes to a shared directory; clone B has no images, pulls, and never extracts; then B
+    pulls the images, adds three, and extracts those three alone, with no row store of its own."""
     a = reproduced
     git(a, "rm", "-r", "-q", "--cached", "data/raw")  # the images are versioned by DVC, as the README says
     remote = tmp_path / "remote"
@@ -235,6 +242,18 @@ def test_a_clone_without_the_images_trains_on_features_pulled_from_the_remote(re
         assert digest(b / "data" / "features" / h5) == digest(a / "data" / "features" / h5)
     assert "accuracy" in json.loads((b / "reports" / "evaluate" / "metrics.json").read_text())
     assert (b / "reports" / "evaluate" / "plots" / "images" / "worst_test_images.png").is_file()  # ids, no images
+
+    # B pulls the images too and adds three: its new row store starts from the features A recorded
+    run(b, "dvc", "pull", "-q")
+    rng = np.random.default_rng(11)
+    for k, name in enumerate(("cat", "dog", "owl")):
+        color_image(rng, k).save(b / "data" / "raw" / name / "from-b.png")
+    result = run(b, "dvc", "repro")
+    assert "took 30 rows from the recorded features" in result.stderr, result.stderr
+    assert extracted(b) == (3, 30)
+    seeded = {p.name: digest(p) for p in (b / "data" / "features").glob("*.h5")}
+    assert from_scratch(b) == seeded
+    assert extracted(b) == (33, 0)
 
 
 def pipeline_imports(module: str, seen: set[str] | None = None) -> set[str]:
