@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.images import make_jpegs, make_photos
+from bench.images import PHOTO_SIZE, make_jpegs, make_photos
 
 
 class Utilisation:
@@ -159,6 +159,7 @@ def run(args: argparse.Namespace, work: Path, out: Path) -> dict[str, Any]:
         "settings": {
             "small": args.small,
             "photos": args.photos,
+            "photo_size": list(args.photo_size),
             "device": args.device,
             "batch_size": args.batch_size,
             "image_size": args.image_size,
@@ -172,7 +173,7 @@ def run(args: argparse.Namespace, work: Path, out: Path) -> dict[str, Any]:
 
     start = time.perf_counter()
     folders = {"small": make_jpegs(work / "small", args.small, workers=-1)}
-    folders["photos"] = make_photos(work / "photos", args.photos, workers=-1)
+    folders["photos"] = make_photos(work / "photos", args.photos, size=args.photo_size, workers=-1)
     save("generate_s", time.perf_counter() - start)
     runs = {}
     for folder in ("small", "photos"):
@@ -195,11 +196,12 @@ def run(args: argparse.Namespace, work: Path, out: Path) -> dict[str, Any]:
 
 def markdown(report: dict[str, Any], tolerance: dict[str, float]) -> str:
     m, s = report["machine"], report["settings"]
+    photo = "x".join(map(str, s.get("photo_size", (4032, 3024))))
     lines = [
         f"# Extraction on {m['gpu'] or 'the CPU'} ({m['cpus']} CPU cores, torch {m['torch']})",
         "",
         f"VGG16 pool5 at {s['image_size']} px, random weights, precision auto, batch {s['batch_size']}; "
-        f"{s['small']} JPEGs of 500x375 and {s['photos']} photos of 4032x3024. Images/s after the first batch; "
+        f"{s['small']} JPEGs of 500x375 and {s['photos']} photos of {photo}. Images/s after the first batch; "
         f"generating the files took {report['generate_s']:.0f} s.",
         "",
         "| run | decode workers | images/s | of the bare network | GPU util. mean / max % | peak GPU MiB |",
@@ -251,12 +253,14 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256, help="extract.batch_size of every run")
     parser.add_argument("--image-size", type=int, default=224, help="extract.image_size of every run")
     parser.add_argument("--quick", action="store_true", help="a few images of each: a test of the script itself")
+    parser.add_argument("--photo-size", type=int, nargs=2, default=PHOTO_SIZE, help="width and height of the photos")
     parser.add_argument("--out", type=Path, default=Path("bench/results"), help="report directory")
     parser.add_argument("--workdir", type=Path, help="keep generated images and runs here")
     args = parser.parse_args()
     if args.quick:
         args.small, args.photos, args.agree = 48, 40, 32  # 40: enough for a four-class split
         args.batch_size, args.image_size = 16, 64
+        args.photo_size = (1600, 1200)  # still reduced on decode (to 1/8 for 64 px), at a sixth of the pixels
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="bench-gpu-") as tmp:
         work = args.workdir or Path(tmp)
