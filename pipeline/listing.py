@@ -132,8 +132,9 @@ def scan(
         key = keyed[i]
         problem = key[1:] if key.startswith("!") else problems[i]
         fresh[i] = [*stats[i], "" if key.startswith("!") else key, problem, bool(check)]
-    if cache_path:
-        _write_cache(cache_path, {i: e for i, e in fresh.items() if e[3] and e[1] < settled})
+    kept = {i: e for i, e in fresh.items() if e[3] and e[1] < settled}
+    if cache_path and kept != cache:  # a no-op run rewrites nothing
+        _write_cache(cache_path, kept)
     entries = []
     for i in ids:
         if isinstance(stats[i], str):

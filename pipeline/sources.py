@@ -9,7 +9,6 @@ An item is identified by a string id that its source can open again:
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import logging
@@ -80,7 +79,7 @@ def _digits_items() -> tuple[list[str], list[int], list[str], list[str]]:
 def pixel_key(pixels: np.ndarray) -> str:
     """The content key of an image given as an array: its shape, dtype and values."""
     header = f"{pixels.shape}{pixels.dtype}".encode()
-    return hashlib.blake2b(header + np.ascontiguousarray(pixels).tobytes(), digest_size=16).hexdigest()
+    return listing.content_hash(header + np.ascontiguousarray(pixels).tobytes()).hexdigest()
 
 
 def _split(
