@@ -41,7 +41,7 @@ def seed(store: RowStore, needs: Mapping[bytes, Sequence[str]], features_dir: Pa
                     store.append(keys, {view: rows})
                     added += len(keys)
         except Exception as err:  # dvc.api raises many kinds; any of them means there is nothing to take here
-            log.info("no recorded rows to take from %s (%s: %s)", path, type(err).__name__, err)
+            log.info("no rows to take from recorded features (%s for %s)", type(err).__name__, path)
             break
     store.commit()
     if added:
