@@ -6,10 +6,13 @@ seed. It goes to test when u < test_fraction, to val when u < test_fraction + va
 otherwise. Adding or removing images changes no other image's u, so it moves no other image. Per class the
 shares approach the fractions as the class grows (the count in a split is binomial: n·f ± sqrt(n·f·(1 - f))).
 
-Small classes: a class with at least one image per split (3 when both fractions are above 0) always has one in
-each. Where no image of the class hashes into a split, its train image with the smallest u is moved there. Such
-a stand-in is the one exception to "never moves": it goes back to train once the class gets an image that
-hashes into that split by itself. With the default fractions that happens only to classes of a few dozen
+Small classes: a class is big enough when it has one image per split it needs: 3 when both fractions are above 0
+(train, val and test), 2 when one is 0, and a smaller class is refused in one line. Every class big enough has at
+least one image in every split, train included, whatever the seed. Where no image of the class hashes into a split,
+one image stands in: taken from train while train keeps another image, else from the split that has more than
+one; of that split, the image whose number lies nearest to the empty split's band (the lowest-hashed train image
+for val or test). Such a stand-in is the one exception to "never moves": it goes back once the class gets an image
+that hashes into that split by itself. With the default fractions that happens only to classes of a few dozen
 images or fewer (no test image among 30 has a chance of 0.8^30 = 0.1%).
 """
 
@@ -34,24 +37,34 @@ def assign(
     ids: Sequence[str], class_names: Sequence[str], *, val_fraction: float, test_fraction: float, seed: int
 ) -> list[str]:
     """The split of each image (``class_names[i]`` is image i's class), as the module docstring describes."""
-    bands = {"test": test_fraction, "val": val_fraction}
+    bands = {"test": (0.0, test_fraction), "val": (test_fraction, test_fraction + val_fraction)}
+    bands["train"] = (test_fraction + val_fraction, 1.0)
     u = [position(c, i, seed) for i, c in zip(ids, class_names, strict=True)]
-    splits = ["test" if x < test_fraction else "val" if x < test_fraction + val_fraction else "train" for x in u]
+    splits = [next(s for s, (lo, hi) in bands.items() if lo <= x < hi) for x in u]
     by_class: dict[str, list[int]] = {}
     for k, c in enumerate(class_names):
         by_class.setdefault(c, []).append(k)
-    needed = [s for s in ("test", "val") if bands[s] > 0]
+    needed = ["train"] + [s for s in ("test", "val") if bands[s][1] > bands[s][0]]
     for c, members in sorted(by_class.items()):
-        if len(members) < len(needed) + 1:
+        if len(members) < len(needed):
             raise PipelineError(
-                f"class {c!r} has {len(members)} image(s): a train/val/test split needs at least "
-                f"{len(needed) + 1} per class. Add images, or give explicit train/ val/ test/ folders"
+                f"class {c!r} has {len(members)} image(s): splitting it into {', '.join(needed)} needs at least "
+                f"{len(needed)}. Add images, or give explicit train/ val/ test/ folders"
             )
         for s in needed:
-            if not any(splits[k] == s for k in members):  # stand in with the lowest-hashed train image
-                stand_in = min((k for k in members if splits[k] == "train"), key=lambda k: u[k])
+            if not any(splits[k] == s for k in members):
+                stand_in = _stand_in(members, splits, u, bands[s])
                 splits[stand_in] = s
     return splits
+
+
+def _stand_in(members: Sequence[int], splits: Sequence[str], u: Sequence[float], band: tuple[float, float]) -> int:
+    """The image that fills an empty split: from train while train keeps another image, else from a split of more
+    than one; of those, the one whose number lies nearest to ``band``."""
+    count = {s: sum(splits[k] == s for k in members) for s in SPLITS}
+    donors = ["train"] if count["train"] > 1 else [s for s in SPLITS if count[s] > 1]
+    lo, hi = band
+    return min((k for k in members if splits[k] in donors), key=lambda k: (max(lo - u[k], u[k] - hi, 0.0), u[k]))
 
 
 def keep_per_class(ids: Sequence[str], class_names: Sequence[str], limit: int, seed: int) -> set[str]:
