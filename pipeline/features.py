@@ -7,8 +7,11 @@ Layout of ``{split}.h5``::
     labels            (N,)    int64
     ids               (N,)    utf-8 strings     item ids from the manifest
     keys              (N, 16) uint8             the content key of each row's image (files written by extract)
-    attrs             provenance (see PROVENANCE_KEYS); ``row_settings``, the row store the rows came from
+    class_names       (C,)    utf-8 strings     the classes, label order (an attribute in files of earlier releases)
+    attrs             the rest of the provenance (see PROVENANCE_KEYS); ``row_settings``, the row store the rows
+                      came from
 
+The class names are a dataset, not an attribute: HDF5 caps an attribute at 64 KiB, about 4,000 names.
 Every dataset is chunked along N with chunks of at most about 1 MiB, and created with
 ``track_times=False`` so that the same inputs give byte-identical files.
 """
@@ -47,6 +50,7 @@ PROVENANCE_KEYS = IDENTITY_KEYS + (
     "torch_version",
     "torchvision_version",
 )
+LIST_DATASETS = ("class_names",)  # provenance kept as a dataset: it grows with the folder
 
 
 def split_views(views: Sequence[str], split: str) -> list[str]:
@@ -115,7 +119,12 @@ class FeatureWriter:
             _create(self._file, "keys", (n, 16), "uint8", 1)
             self._file.attrs["row_settings"] = row_settings
         for key in PROVENANCE_KEYS:
-            self._file.attrs[key] = _to_attr(provenance[key])
+            if key in LIST_DATASETS:
+                values = list(provenance[key])
+                _create(self._file, key, (len(values),), h5py.string_dtype("utf-8"), 64)
+                self._file[key][:] = values
+            else:
+                self._file.attrs[key] = _to_attr(provenance[key])
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._drain, name=f"write {self.path.name}", daemon=True)
@@ -290,7 +299,8 @@ def _create(
 
 
 def _provenance(f: h5py.File) -> dict[str, Any]:
-    return {key: _from_attr(value) for key, value in f.attrs.items()}
+    out = {key: _from_attr(value) for key, value in f.attrs.items()}
+    return out | {key: [v.decode("utf-8") for v in f[key][:]] for key in LIST_DATASETS if key in f}
 
 
 def _to_attr(value: Any) -> Any:

@@ -35,18 +35,40 @@ def test_layout_chunking_and_provenance(tmp_path: Path):
     path = tmp_path / "train.h5"
     data = write(path)
     with h5py.File(path) as f:
-        assert set(f) == {"features", "features_hflip", "labels", "ids"}
+        assert set(f) == {"features", "features_hflip", "labels", "ids", "class_names"}
         assert f["features"].shape == (300, 2048) and f["features"].dtype == np.float16
         rows, cols = f["features"].chunks
         assert cols == 2048 and rows * 2048 * 2 <= features.CHUNK_BYTES  # chunked along N, <= 1 MiB
         assert f["labels"].dtype == np.int64 and f["labels"].chunks is not None
-        assert set(f.attrs) == set(features.PROVENANCE_KEYS)
+        assert set(f.attrs) == set(features.PROVENANCE_KEYS) - {"class_names"}
     fs = features.read_features(path)
     np.testing.assert_allclose(fs.features["original"], data, rtol=1e-3, atol=1e-3)
     np.testing.assert_allclose(fs.features["hflip"], -data, rtol=1e-3, atol=1e-3)
     assert fs.features["original"].dtype == np.float32
     assert fs.ids[:2] == ["img/0", "img/1"] and fs.labels[:4].tolist() == [0, 1, 0, 1]
     assert fs.provenance == provenance()
+
+
+def test_25000_class_names_fit_and_the_file_stays_byte_stable(tmp_path: Path):
+    """Regression: class names were an attribute, and HDF5 refused more than about 4,091 of them at the end of
+    extract (object header message is too large)."""
+    names = [f"n{k:08d} some long synset name" for k in range(25_000)]
+    for name in ("a.h5", "b.h5"):
+        with features.FeatureWriter(
+            tmp_path / name, n=2, dim=4, dtype="float32", views=["original"], provenance=provenance(class_names=names)
+        ) as writer:
+            writer.write(0, {"original": np.ones((2, 4), np.float32)}, np.array([0, 24_999]), ["x/0", "x/1"])
+    assert features.read_provenance(tmp_path / "a.h5")["class_names"] == names
+    assert (tmp_path / "a.h5").read_bytes() == (tmp_path / "b.h5").read_bytes()
+
+
+def test_files_of_earlier_releases_with_class_names_as_an_attribute_still_read(tmp_path: Path):
+    path = tmp_path / "old.h5"
+    write(path)
+    with h5py.File(path, "r+") as f:
+        del f["class_names"]
+        f.attrs["class_names"] = np.array(["caf\u00e9", "dog"], dtype=h5py.string_dtype("utf-8"))
+    assert features.read_provenance(path) == provenance()
 
 
 def test_same_inputs_give_byte_identical_files(tmp_path: Path):
