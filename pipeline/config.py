@@ -23,6 +23,7 @@ from pipeline.errors import PipelineError
 PARAMS_FILE = Path("params.yaml")
 
 Source = Literal["digits", "imagefolder", "cifar10"]
+Layout = Literal["auto", "classes", "splits"]
 Arch = Literal["vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn"]
 Layer = Literal["pool1", "pool2", "pool3", "pool4", "pool5", "fc6", "fc7"]
 Pool = Literal["avg", "max", "flatten"]
@@ -50,6 +51,7 @@ def _range(default: float, lo: float | None = None, hi: float | None = None, *, 
 class DataConfig:
     source: Source = "digits"
     root: str = "data/raw"
+    layout: Layout = "auto"  # imagefolder: are the top folders classes or train/ val/ test/? (listing.layout)
     download: bool = False
     val_fraction: float = _range(0.1, 0.0, 0.9, lo_open=True)
     test_fraction: float = _range(0.2, 0.0, 0.9, lo_open=True)

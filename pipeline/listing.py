@@ -18,6 +18,7 @@ import csv
 import hashlib
 import json
 import os
+import stat
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -31,16 +32,24 @@ from pipeline.errors import PipelineError
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 SPLIT_DIRS = ("train", "val", "test")
 CIFAR_DIR = "cifar-10-batches-py"
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: ctime joined the stat
 READ_BYTES = 1 << 20
 RACY_NS = 2 * 10**9
 
 
 @dataclass(frozen=True)
 class Entry:
-    id: str  # path relative to data.root, with forward slashes
+    id: str  # path relative to data.root, with forward slashes (escaped when its name is refused, see name_problem)
     key: str  # hex content key; "" when the file cannot be read
     problem: str  # "" when the file is fine
+
+
+@dataclass(frozen=True)
+class Origin:
+    """What a listing lists: it is kept, or read, only for the same source and root."""
+
+    source: str
+    root: str
 
 
 # ---------------------------------------------------------------------------- the folder
@@ -61,19 +70,48 @@ def _class_dirs(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def imagefolder_ids(root: Path) -> list[str]:
-    """Every image id of an image folder: ``<class>/…`` or, with split folders, ``<split>/<class>/…``."""
+def layout(root: Path, spec: str, folders: Sequence[str]) -> str:
+    """``classes`` or ``splits``: what the top-level ``folders`` of an image folder are. ``auto`` decides by their
+    names and refuses a folder that mixes split names with others (a class may be called ``train``)."""
+    named = [f for f in folders if f in SPLIT_DIRS]
+    others = [f for f in folders if f not in SPLIT_DIRS]
+    if spec == "auto" and named and others:
+        raise PipelineError(
+            f"{root} has split folders ({', '.join(named)}) beside other folders ({few(others)}): set data.layout: "
+            f"classes if {'/'.join(named)} {'is a class' if len(named) == 1 else 'are classes'}, or data.layout: "
+            f"splits and move the class folders under {root}/train/"
+        )
+    if spec == "splits" and others:
+        raise PipelineError(
+            f"data.layout is splits, but {root} has folders other than train/ val/ test/ ({few(others)}): move "
+            "them into a split folder, or set data.layout: classes"
+        )
+    chosen = spec if spec != "auto" else "splits" if named else "classes"
+    if chosen == "splits" and "train" not in named:
+        raise PipelineError(f"{root} has {', '.join(named) or 'no split'} folders but no train/ folder")
+    return chosen
+
+
+def few(names: Sequence[str], shown: int = 5) -> str:
+    """Up to ``shown`` names, and how many more."""
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
+def imagefolder_ids(root: Path, spec: str = "auto") -> list[str]:
+    """Every image id of an image folder: ``<class>/…`` or, when its layout is splits, ``<split>/<class>/…``."""
     if not root.is_dir():
         raise PipelineError(f"data.root = {str(root)!r} is not a directory: put one folder of images per class there")
-    split_dirs = {s: root / s for s in SPLIT_DIRS if (root / s).is_dir()}
-    if split_dirs and "train" not in split_dirs:
-        raise PipelineError(f"{root} has {', '.join(split_dirs)} folders but no train/ folder")
+    top = _class_dirs(root)
+    if not top:
+        raise PipelineError(f"no class folders under {root}: expected {root}/<class>/<image> or {root}/train/<class>/…")
+    splits = layout(root, spec, [d.name for d in top]) == "splits"
     ids = []
-    for base in split_dirs.values() or [root]:
+    for base in top if splits else [root]:
         dirs = _class_dirs(base)
         if not dirs:
-            expected = f"{root}/<class>/<image> or {root}/train/<class>/…"
-            raise PipelineError(f"no class folders under {root}: expected {expected}")
+            hint = f" (if {base.name} is a class, set data.layout: classes)" if splits else ""
+            raise PipelineError(f"no class folders under {base}: expected {base}/<class>/<image>{hint}")
         for d in dirs:
             files = image_files(d)
             if not files:
@@ -89,11 +127,11 @@ def present(source: str, root: Path) -> bool:
     return source != "cifar10" or (root / CIFAR_DIR).is_dir()
 
 
-def source_ids(source: str, root: Path) -> list[str]:
+def source_ids(source: str, root: Path, layout_spec: str = "auto") -> list[str]:
     """The files of ``source`` under ``root``: the images of an image folder, CIFAR-10's batch files, none for
     digits (bundled with scikit-learn)."""
     if source == "imagefolder":
-        return imagefolder_ids(root)
+        return imagefolder_ids(root, layout_spec)
     if source == "cifar10" and (root / CIFAR_DIR).is_dir():
         return sorted(f"{CIFAR_DIR}/{p.name}" for p in (root / CIFAR_DIR).iterdir() if not p.name.startswith("."))
     return []
@@ -110,12 +148,13 @@ def scan(
     check: Callable[[Path], str] | None = None,
     workers: int = 8,
 ) -> list[Entry]:
-    """An entry for every id: the key from the stat cache where size, mtime and inode are unchanged, else from the
-    bytes (``cache_path`` None: no cache). ``check``, when given, decodes each new or changed file once and says
-    why it is unusable ("" when it is fine)."""
+    """An entry for every id: the key from the stat cache where size, mtime, inode and ctime are unchanged, else
+    from the bytes (``cache_path`` None: no cache). ``check``, when given, decodes each new or changed file once
+    and says why it is unusable ("" when it is fine). Only regular files are read, and a name that is not valid
+    UTF-8 or holds a control character is listed escaped, with that problem, and never read."""
     cache = _read_cache(cache_path) if cache_path else {}
     settled = time.time_ns() - RACY_NS  # files modified after this are hashed again next time
-    stats = {i: _stat(root / i) for i in ids}
+    stats = {i: name_problem(i) or _stat(root / i) for i in ids}
     fresh = {
         i: cache[i] for i in ids if isinstance(stats[i], tuple) and _hit(cache.get(i), stats[i], checked=bool(check))
     }
@@ -132,39 +171,78 @@ def scan(
         key = keyed[i]
         problem = key[1:] if key.startswith("!") else problems[i]
         fresh[i] = [*stats[i], "" if key.startswith("!") else key, problem, bool(check)]
-    kept = {i: e for i, e in fresh.items() if e[3] and e[1] < settled}
+    kept = {i: e for i, e in fresh.items() if e[4] and e[1] < settled}
     if cache_path and kept != cache:  # a no-op run rewrites nothing
         _write_cache(cache_path, kept)
     entries = []
     for i in ids:
         if isinstance(stats[i], str):
-            entries.append(Entry(i, "", stats[i]))
+            entries.append(Entry(escaped(i), "", stats[i]))
         else:  # a decode problem counts only while decoding is checked: the listing never depends on the past
-            _, _, _, key, problem, _ = fresh[i]
+            *_, key, problem, _ = fresh[i]
             entries.append(Entry(i, key, problem if (check or not key) else ""))
     return entries
 
 
-def _stat(path: Path) -> tuple[int, int, int] | str:
-    """(size, mtime_ns, inode) of the file a path leads to, or why there is none."""
+def name_problem(image_id: str) -> str:
+    """Why an id cannot be listed as it is ("" when it can): every later file (CSV, HDF5, logs) holds UTF-8 text
+    with one id a line."""
+    try:
+        image_id.encode("utf-8")
+    except UnicodeEncodeError:
+        return "its name is not valid UTF-8: rename it"
+    if any(_control(c) for c in image_id):
+        return "its name holds a control character (a line break, a tab, ...): rename it"
+    return ""
+
+
+def escaped(image_id: str) -> str:
+    """An id as printable UTF-8: undecodable bytes as \\xNN, control characters as \\xNN."""
+    text = image_id.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return "".join(f"\\x{ord(c):02x}" if _control(c) else c for c in text)
+
+
+def _control(c: str) -> bool:
+    return ord(c) < 32 or 127 <= ord(c) < 160
+
+
+_KINDS = {stat.S_ISDIR: "a directory", stat.S_ISFIFO: "a FIFO", stat.S_ISCHR: "a character device"}
+_KINDS |= {stat.S_ISBLK: "a block device", stat.S_ISSOCK: "a socket"}
+
+
+def _stat(path: Path) -> tuple[int, int, int, int] | str:
+    """(size, mtime_ns, inode, ctime_ns) of the regular file a path leads to, or why there is none. The ctime
+    catches an edit in place that keeps size, mtime and inode (``cp -p`` over the file, ``exiftool -P``)."""
     try:
         st = path.stat()
     except FileNotFoundError:
         return "dangling link: its target does not exist" if path.is_symlink() else "file vanished while listed"
     except OSError as err:
         return f"{type(err).__name__}: {err.strerror}"
-    return st.st_size, st.st_mtime_ns, st.st_ino
+    if not stat.S_ISREG(st.st_mode):
+        return _not_regular(st.st_mode)
+    return st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns
 
 
-def _hit(cached: list | None, stat: tuple[int, int, int], *, checked: bool) -> bool:
-    return cached is not None and tuple(cached[:3]) == stat and (cached[5] or not checked)
+def _not_regular(mode: int) -> str:
+    kind = next((name for test, name in _KINDS.items() if test(mode)), "not a file")
+    return f"not a regular file ({kind}): only regular files are read"
+
+
+def _hit(cached: list | None, stat: tuple[int, int, int, int], *, checked: bool) -> bool:
+    return cached is not None and tuple(cached[:4]) == stat and (cached[6] or not checked)
 
 
 def _key(path: Path) -> str:
-    """The hex content key of a file, or "!" and why it cannot be read."""
+    """The hex content key of a regular file, or "!" and why it cannot be read. Opened without blocking, so a file
+    replaced by a FIFO since it was listed is refused, not waited on."""
     h = content_hash()
     try:
-        with open(path, "rb") as f:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+        with open(fd, "rb") as f:
+            mode = os.fstat(fd).st_mode
+            if not stat.S_ISREG(mode):
+                return "!" + _not_regular(mode)
             while block := f.read(READ_BYTES):
                 h.update(block)
     except OSError as err:
@@ -198,15 +276,41 @@ def _write_cache(path: Path, entries: Mapping[str, list]) -> None:
 # ---------------------------------------------------------------------------- the listing file
 
 
-def write(path: Path, entries: Iterable[Entry]) -> None:
+def write(path: Path, entries: Iterable[Entry], origin: Origin) -> None:
+    """The listing as CSV (id, key, problem) under one comment line that records its source and root."""
     with open(path, "w", newline="", encoding="utf-8") as f:
+        f.write(f"# {json.dumps({'source': origin.source, 'root': origin.root}, ensure_ascii=False)}\n")
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(["id", "key", "problem"])
         writer.writerows([e.id, e.key, e.problem] for e in entries)
 
 
-def read(path: Path) -> list[Entry]:
+def read_origin(path: Path) -> Origin | None:
+    """What the listing at ``path`` lists; None when it does not say (written by an earlier release)."""
+    with open(path, encoding="utf-8") as f:
+        first = f.readline()
+    try:
+        return Origin(**json.loads(first[1:])) if first.startswith("#") else None
+    except (ValueError, TypeError):
+        return None
+
+
+def check_origin(path: Path, origin: Origin) -> None:
+    """Refuse a listing of another source or root than ``origin``: a mistyped data.root must not reuse it."""
+    found = read_origin(path)
+    if found != origin:
+        made = f"of {found.source} under {found.root!r}" if found else "by an earlier release (no root recorded)"
+        raise PipelineError(
+            f"{path} was made {made}, but params.yaml asks for {origin.source} under {origin.root!r}: fix data.root "
+            f"or data.source, or run dvc repro where {origin.root} holds the images so that scan lists them anew"
+        )
+
+
+def read(path: Path, origin: Origin) -> list[Entry]:
+    """The entries of the listing at ``path``, which must list ``origin``."""
     if not path.is_file():
         raise PipelineError(f"{path} not found: run the scan stage first (dvc repro scan)")
+    check_origin(path, origin)
     with open(path, newline="", encoding="utf-8") as f:
+        f.readline()  # the origin
         return [Entry(row["id"], row["key"], row["problem"]) for row in csv.DictReader(f)]

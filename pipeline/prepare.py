@@ -25,7 +25,7 @@ def unusable(entries: list[listing.Entry], on_bad_image: str) -> dict[str, str]:
     if bad and on_bad_image == "raise":
         first = min(bad)
         raise PipelineError(
-            f"cannot use image {first!r}: {bad[first]} ({len(bad)} such file(s); "
+            f"cannot use image '{first}': {bad[first]} ({len(bad)} such file(s); "
             "set data.on_bad_image: skip to leave them out and list them in skipped.csv)"
         )
     return bad
@@ -47,7 +47,8 @@ def main() -> None:
     params = load_params()
     cfg = params.data
     log.info("data params: %s", to_dict(cfg))
-    entries = listing.read(args.images) if cfg.source == "imagefolder" else None
+    origin = listing.Origin(cfg.source, cfg.root)
+    entries = listing.read(args.images, origin) if cfg.source == "imagefolder" else None
     bad = unusable(entries, cfg.on_bad_image) if entries is not None else {}
     for image_id, reason in sorted(bad.items()):
         log.warning("skipping %s: %s", image_id, reason)

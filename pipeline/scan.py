@@ -30,15 +30,16 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="CSV file for the listing: id, key, problem")
     args = with_dvc_paths(parser.parse_args(), out="images")
     cfg = load_params().data
-    root = Path(cfg.root)
+    root, origin = Path(cfg.root), listing.Origin(cfg.source, cfg.root)
     if not listing.present(cfg.source, root) and args.out.is_file():
+        listing.check_origin(args.out, origin)  # a mistyped data.root is no clone without the images
         log.warning("no images in %s: keeping the listing %s as it is (a clone without the images)", root, args.out)
         return
-    ids = listing.source_ids(cfg.source, root)
+    ids = listing.source_ids(cfg.source, root, cfg.layout)
     check = images.image_problem if cfg.source == "imagefolder" and cfg.on_bad_image == "skip" else None
     entries = listing.scan(root, ids, stat_cache(args.out), check=check)
     with replaced(args.out) as tmp:
-        listing.write(tmp, entries)
+        listing.write(tmp, entries, origin)
     if cfg.source == "digits":
         log.info("data.source is digits, bundled with scikit-learn: no files to list")
     else:

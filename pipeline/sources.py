@@ -61,7 +61,7 @@ def discover(
     else:
         if entries is None:
             root = Path(cfg.root)
-            entries = listing.scan(root, listing.imagefolder_ids(root), cache_path=None)
+            entries = listing.scan(root, listing.imagefolder_ids(root, cfg.layout), cache_path=None)
         items, classes = _imagefolder_items(entries, cfg, seed, exclude)
     if cfg.per_class_limit:
         items = limit_per_class(items, classes, cfg.per_class_limit, seed)
@@ -105,7 +105,8 @@ def _imagefolder_items(
     """Items from the listing (see listing.imagefolder_ids for the layout): classes from every listed file, the
     excluded ones included, so that leaving a file out never renumbers the classes."""
     _check_unique(e.id for e in entries)
-    by_split = any(e.id.split("/", 1)[0] in SPLITS for e in entries)  # a split folder makes them all split folders
+    folders = sorted({e.id.split("/", 1)[0] for e in entries})
+    by_split = listing.layout(Path(cfg.root), cfg.layout, folders) == "splits"
     parts = [e.id.split("/")[1:] if by_split else e.id.split("/") for e in entries]
     classes = sorted({p[0] for p in parts})
     if len(classes) < 2:
@@ -116,6 +117,10 @@ def _imagefolder_items(
         if e.id not in exclude:
             folder = e.id.split("/", 1)[0] if by_split else ""
             kept.setdefault(folder, []).append(Item(e.id, label[p[0]], "", e.key))
+    usable = {it.label for group in kept.values() for it in group}
+    if len(usable) < len(classes):  # every image of a class was left out (a class folder with a refused name)
+        names = listing.few([repr(c) for k, c in enumerate(classes) if k not in usable])
+        raise PipelineError(f"class {names} has no usable image (see skipped.csv): rename or remove its folder")
     if "" in kept:
         items = _split_items(kept[""], classes, cfg, seed)
     else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
 import shutil
@@ -17,7 +18,7 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT_FILES = (
-    "dvc.yaml", "params.yaml", "pipeline", ".dvc/config", ".dvc/.gitignore", ".dvc/plots", ".dvcignore", ".gitignore",
+    "dvc.yaml", "pipeline", ".dvc/config", ".dvc/.gitignore", ".dvc/plots", ".dvcignore", ".gitignore",
     "data/raw",
 )  # fmt: skip
 
@@ -129,6 +130,18 @@ def reproduced(reproduced_template: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(reproduced_template, tmp_path / "project", symlinks=True))
 
 
+def default_params() -> dict:
+    """params.yaml as the pipeline's defaults make it: a test project never depends on the user's edits of theirs."""
+    from pipeline.config import Params
+
+    def plain(value: object) -> object:
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return [plain(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+    return plain(dataclasses.asdict(Params()))
+
+
 def copy_project(dest: Path) -> Path:
     for name in PROJECT_FILES:
         src = ROOT / name
@@ -137,6 +150,7 @@ def copy_project(dest: Path) -> Path:
         else:
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / name)
+    (dest / "params.yaml").write_text(yaml.safe_dump(default_params(), sort_keys=False))
     write_params(dest, FAST_PARAMS)
     git(dest, "init", "-q")
     git(dest, "add", "-A")

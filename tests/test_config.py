@@ -1,17 +1,35 @@
 from __future__ import annotations
 
 import dataclasses
+import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
-from pipeline.config import ConfigError, Params, load_params, parse_params
+from pipeline.config import ConfigError, Params, parse_params
 from tests.conftest import ROOT, STAGE_ARGS, run_stage, write_params
 
 
+def shipped_text() -> str:
+    """params.yaml as shipped with this pipeline/config.py, not as a user edited it since (`make repro
+    WEIGHTS=random` applies its experiment to the workspace): the file of the last commit that changed config.py,
+    or the workspace's while config.py itself has uncommitted changes (or outside a git checkout)."""
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
+
+    config = "pipeline/config.py"
+    last = git("log", "-1", "--format=%H", "--", config).stdout.strip()
+    if last and git("diff", "--quiet", "HEAD", "--", config).returncode == 0:
+        found = git("show", f"{last}:params.yaml")
+        if found.returncode == 0:
+            return found.stdout
+    return (ROOT / "params.yaml").read_text()
+
+
 def shipped() -> dict:
-    return yaml.safe_load((ROOT / "params.yaml").read_text())
+    return yaml.safe_load(shipped_text())
 
 
 def with_change(section: str, key: str, value: object) -> dict:
@@ -21,7 +39,7 @@ def with_change(section: str, key: str, value: object) -> dict:
 
 
 def test_shipped_params_parse_and_match_the_defaults():
-    params = load_params(ROOT / "params.yaml")
+    params = parse_params(shipped())
     assert params.extract.arch == "vgg16" and params.train.head == "mlp"
     assert params.extract.views == ("original",)
     # the dataclass defaults are the shipped file, so a key left out means the documented value
@@ -31,6 +49,12 @@ def test_shipped_params_parse_and_match_the_defaults():
 def test_num_workers_is_auto_or_a_count():
     assert parse_params({}).extract.num_workers == "auto"
     assert parse_params(with_change("extract", "num_workers", 0)).extract.num_workers == 0
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:1", "mps"])
+def test_a_device_is_auto_cpu_a_cuda_device_or_apples_gpu(device: str):
+    assert parse_params(with_change("extract", "device", device)).extract.device == device
+    assert parse_params(with_change("train", "device", device)).train.device == device
 
 
 def test_params_are_frozen():
@@ -55,7 +79,8 @@ def test_params_are_frozen():
         (with_change("extract", "views", ["hflip"]), ["extract.views", "'original' first"]),
         (with_change("extract", "views", "original"), ["extract.views", "a list of original | hflip"]),
         (with_change("extract", "layer", "fc7"), ["extract.pool", "'avg'", "fc7", "pool: flatten"]),
-        (with_change("extract", "device", "gpu"), ["extract.device", "'gpu'", "auto | cpu | cuda | cuda:N"]),
+        (with_change("extract", "device", "gpu"), ["extract.device", "'gpu'", "auto | cpu | cuda | cuda:N | mps"]),
+        (with_change("train", "device", "mps:0"), ["train.device", "'mps:0'", "auto | cpu | cuda | cuda:N | mps"]),
         (with_change("data", "test_fraction", 0.95), ["data.test_fraction", "0.95", "(0.0, 0.9]"]),
         (with_change("train", "hidden", [512, "x"]), ["train.hidden[1]", "'x'", "an integer"]),
         (with_change("train", "logreg_C", []), ["train.logreg_C", "non-empty"]),

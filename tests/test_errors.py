@@ -3,6 +3,8 @@ what to do, then DVC's own failure line, and no traceback."""
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -73,3 +75,55 @@ run_stage(main)
 """
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert result.returncode == 143 and result.stderr == "terminated\n"
+
+
+def imagefolder_project(project: Path, classes: tuple[str, ...] = ("cat", "dog"), **data: object) -> Path:
+    make_imagefolder(project / "data" / "raw", classes=classes, per_class=4)
+    write_params(project, {"data": {"source": "imagefolder", **data}})
+    return project
+
+
+def test_a_mistyped_root_never_reuses_the_listing_of_the_old_one(project: Path):
+    """Regression: scan warned, kept the old listing, and every stage reused the old data's results."""
+    imagefolder_project(project)
+    run(project, "dvc", "repro", "prepare")
+    write_params(project, {"data": {"root": "data/raww"}})
+    assert failed_repro(project) == (
+        "error: data/images.csv was made of imagefolder under 'data/raw', but params.yaml asks for imagefolder under "
+        "'data/raww': fix data.root or data.source, or run dvc repro where data/raww holds the images so that scan "
+        "lists them anew"
+    )
+
+
+def test_a_class_called_train_is_refused_in_one_line_then_taken_as_a_class(project: Path):
+    """Regression: flat raw/{bus,car,train}/ failed with a misleading "no class folders"."""
+    imagefolder_project(project, classes=("bus", "car", "train"))
+    error = failed_repro(project)
+    assert error.startswith("error: data/raw has split folders (train) beside other folders (bus, car): set data.")
+    write_params(project, {"data": {"layout": "classes"}})
+    run(project, "dvc", "repro", "prepare")
+    assert json.loads((project / "data/prepared/classes.json").read_text()) == ["bus", "car", "train"]
+
+
+def test_odd_file_names_and_a_fifo_stop_in_one_line_or_are_skipped(project: Path):
+    """Regression: a Latin-1 name crashed scan with a traceback, a carriage return split a row of the listing, and
+    a FIFO named like an image hung `dvc repro` for good."""
+    root = imagefolder_project(project) / "data" / "raw"
+    good = (root / "cat" / "000.png").read_bytes()
+    (root / "cat" / "line\rbreak.png").write_bytes(good)
+    with open(os.path.join(os.fsencode(root / "dog"), b"caf\xe9.png"), "wb") as f:
+        f.write(good)
+    os.mkfifo(root / "dog" / "pipe.jpg")
+    assert failed_repro(project) == (
+        "error: cannot use image 'cat/line\\x0dbreak.png': its name holds a control character (a line break, a tab, "
+        "...): rename it (3 such file(s); set data.on_bad_image: skip to leave them out and list them in skipped.csv)"
+    )
+    write_params(project, {"data": {"on_bad_image": "skip"}})
+    run(project, "dvc", "repro", "prepare")
+    skipped = (project / "data/prepared/skipped.csv").read_text().splitlines()
+    assert skipped == [
+        "id,reason",
+        "cat/line\\x0dbreak.png,\"its name holds a control character (a line break, a tab, ...): rename it\"",
+        "dog/caf\\xe9.png,its name is not valid UTF-8: rename it",
+        "dog/pipe.jpg,not a regular file (a FIFO): only regular files are read",
+    ]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -54,7 +56,7 @@ def test_problems_are_listed_with_their_reason(imagefolder: Path, tmp_path: Path
     (imagefolder / "cat" / "empty.jpg").write_bytes(b"")
     found = scan(imagefolder, tmp_path / "stat.json", check=images.image_problem)
     assert found["cat/gone.jpg"] == listing.Entry("cat/gone.jpg", "", "dangling link: its target does not exist")
-    assert found["cat/folder.jpg"].problem.startswith("IsADirectoryError")
+    assert found["cat/folder.jpg"].problem == "not a regular file (a directory): only regular files are read"
     assert found["cat/empty.jpg"].problem.startswith("UnidentifiedImageError") and found["cat/empty.jpg"].key
     assert sum(bool(e.problem) for e in found.values()) == 3
     unchecked = scan(imagefolder, tmp_path / "other.json")  # without the decode check an empty file is listed
@@ -76,9 +78,118 @@ def test_a_decode_check_runs_once_a_file_even_when_switched_on_later(imagefolder
 def test_the_listing_file_round_trips_and_its_layout_errors_name_the_folder(tmp_path: Path):
     root = make_imagefolder(tmp_path / "images", classes=("a", "b"), per_class=2)
     entries = listing.scan(root, listing.imagefolder_ids(root), None)
-    listing.write(tmp_path / "images.csv", entries)
-    assert listing.read(tmp_path / "images.csv") == entries
+    origin = listing.Origin("imagefolder", "data/raw")
+    listing.write(tmp_path / "images.csv", entries, origin)
+    assert listing.read(tmp_path / "images.csv", origin) == entries
     with pytest.raises(PipelineError, match="is not a directory"):
         listing.imagefolder_ids(tmp_path / "missing")
     with pytest.raises(PipelineError, match="run the scan stage first"):
-        listing.read(tmp_path / "none.csv")
+        listing.read(tmp_path / "none.csv", origin)
+
+
+def test_a_listing_is_read_only_for_the_source_and_root_it_lists(tmp_path: Path):
+    listing.write(tmp_path / "images.csv", [], listing.Origin("imagefolder", "data/raw"))
+    with pytest.raises(
+        PipelineError, match="made of imagefolder under 'data/raw', but params.yaml asks for .*'data/raww'"
+    ):
+        listing.read(tmp_path / "images.csv", listing.Origin("imagefolder", "data/raww"))
+    (tmp_path / "old.csv").write_text("id,key,problem\n")  # an earlier release's, without its origin
+    with pytest.raises(PipelineError, match="earlier release"):
+        listing.check_origin(tmp_path / "old.csv", listing.Origin("imagefolder", "data/raw"))
+
+
+@pytest.mark.parametrize(
+    ("folders", "spec", "expected"),
+    [
+        (["car", "train"], "classes", "classes"),  # PASCAL VOC's class "train"
+        (["train", "val"], "auto", "splits"),
+        (["bus", "car"], "auto", "classes"),
+        (["test", "train"], "splits", "splits"),
+        (["train", "val"], "classes", "classes"),
+    ],
+)
+def test_the_layout_is_what_the_user_says_or_what_the_names_leave_no_doubt_about(folders, spec, expected):
+    assert listing.layout(Path("raw"), spec, folders) == expected
+
+
+@pytest.mark.parametrize(
+    ("folders", "spec", "message"),
+    [
+        (
+            ["bus", "car", "train"],
+            "auto",
+            r"split folders \(train\) beside other folders \(bus, car\): set data.layout",
+        ),
+        (["bus", "train"], "splits", r"folders other than train/ val/ test/ \(bus\)"),
+        (["test", "val"], "auto", "no train/ folder"),
+    ],
+)
+def test_an_ambiguous_or_wrong_layout_is_refused_in_one_line(folders, spec, message):
+    with pytest.raises(PipelineError, match=message):
+        listing.layout(Path("raw"), spec, folders)
+
+
+def test_a_class_called_train_is_a_class_under_layout_classes(tmp_path: Path):
+    """Regression: flat raw/{train,car,bus}/ failed with "no class folders"; with train/ holding subfolders, those
+    silently became the classes and car/ and bus/ were dropped."""
+    root = make_imagefolder(tmp_path / "flat", classes=("bus", "car", "train"), per_class=3)
+    with pytest.raises(PipelineError, match="set data.layout: classes if train is a class"):
+        listing.imagefolder_ids(root)
+    assert {i.split("/")[0] for i in listing.imagefolder_ids(root, "classes")} == {"bus", "car", "train"}
+    make_imagefolder(root / "train", classes=("x", "y"), per_class=2)  # train/ with subfolders of its own
+    with pytest.raises(PipelineError, match="split folders"):
+        listing.imagefolder_ids(root)
+
+
+def test_an_edit_in_place_that_keeps_size_mtime_and_inode_is_read_again(imagefolder: Path, tmp_path: Path):
+    """Regression: `cp -p` over a file, or `exiftool -P`, kept the stat the cache compared, and the old key."""
+    cache, cat = tmp_path / "stat.json", imagefolder / "cat" / "000.png"
+    settle(imagefolder)
+    first = scan(imagefolder, cache)["cat/000.png"]
+    before = cat.stat()
+    data = bytearray(cat.read_bytes())
+    data[-20] ^= 0xFF
+    with open(cat, "r+b") as f:  # same inode, same size
+        f.write(data)
+    os.utime(cat, ns=(before.st_atime_ns, before.st_mtime_ns))  # same mtime, as cp -p leaves it
+    assert (cat.stat().st_size, cat.stat().st_mtime_ns, cat.stat().st_ino) == (
+        before.st_size, before.st_mtime_ns, before.st_ino,
+    )  # fmt: skip
+    again = scan(imagefolder, cache)["cat/000.png"]
+    assert again.key == hashlib.blake2b(bytes(data), digest_size=16).hexdigest() != first.key
+
+
+def test_a_fifo_or_a_link_to_a_device_is_listed_as_a_problem_and_never_read(imagefolder: Path, tmp_path: Path):
+    """Regression: a FIFO named x.jpg, or a link to /dev/zero, hung the scan (and dvc repro) for good."""
+    os.mkfifo(imagefolder / "cat" / "pipe.jpg")
+    (imagefolder / "cat" / "zero.png").symlink_to("/dev/zero")
+    code = (
+        "import sys; from pathlib import Path; from pipeline import listing; root = Path(sys.argv[1]); "
+        "entries = listing.scan(root, listing.imagefolder_ids(root), None); "
+        "[print(e.id, e.problem, sep='|') for e in entries if e.problem]"
+    )
+    result = subprocess.run([sys.executable, "-c", code, imagefolder], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert sorted(result.stdout.splitlines()) == [
+        "cat/pipe.jpg|not a regular file (a FIFO): only regular files are read",
+        "cat/zero.png|not a regular file (a character device): only regular files are read",
+    ]
+
+
+def test_names_that_are_not_utf8_or_hold_control_characters_are_listed_escaped_as_problems(tmp_path: Path):
+    """Regression: a Latin-1 name crashed scan with UnicodeEncodeError; a carriage return split a CSV row in two."""
+    root = make_imagefolder(tmp_path / "images", classes=("a", "b"), per_class=2)
+    good = (root / "a" / "000.png").read_bytes()
+    (root / "a" / "cr\r.png").write_bytes(good)
+    (root / "a" / "tab\t.png").write_bytes(good)
+    with open(os.path.join(os.fsencode(root / "b"), b"caf\xe9.png"), "wb") as f:  # a Latin-1 name from an old zip
+        f.write(good)
+    entries = listing.scan(root, listing.imagefolder_ids(root), tmp_path / "stat.json")
+    origin = listing.Origin("imagefolder", str(root))
+    listing.write(tmp_path / "images.csv", entries, origin)
+    found = {e.id: e.problem for e in listing.read(tmp_path / "images.csv", origin) if e.problem}
+    assert found == {
+        "a/cr\\x0d.png": "its name holds a control character (a line break, a tab, ...): rename it",
+        "a/tab\\x09.png": "its name holds a control character (a line break, a tab, ...): rename it",
+        "b/caf\\xe9.png": "its name is not valid UTF-8: rename it",
+    }
