@@ -25,9 +25,9 @@ import torchvision
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from pipeline import backbone, committed, distributed, features, sources
+from pipeline import backbone, committed, distributed, features, listing, sources
 from pipeline.batches import joined, pieces, shard_bounds, split_batches
-from pipeline.config import ExtractConfig, Params, load_params, to_dict, with_dvc_paths
+from pipeline.config import DataConfig, ExtractConfig, Params, dvc_path, load_params, to_dict, with_dvc_paths
 from pipeline.distributed import World
 from pipeline.errors import PipelineError, run_stage
 from pipeline.files import replaced
@@ -39,6 +39,11 @@ log = logging.getLogger(__name__)
 STORE_DIR = ".feature-store"  # next to the features directory, outside DVC's outputs (see pipeline.store)
 OLD_PROGRESS_DIR = ".extract-progress"  # the resumable work files of earlier releases, which the store replaced
 COMMIT_EVERY = 4  # batches between store commits (fsync): at most this many are redone after a kill
+# The version of the code that turns an image's bytes into its row (decoding, preprocessing, the cut, the forward
+# pass): part of what picks a row store, so that rows made by other code are never mixed in. Raise it whenever that
+# code changes what a row holds; tests/test_extract.py ties it to the code. 1: the rows of every release before
+# this constant, whose stores keep their names (it joins the settings from 2 on).
+ROWS_VERSION = 1
 WRITE_ROWS = 4096  # rows per block when the stored rows are copied into the HDF5 outputs
 
 
@@ -65,12 +70,16 @@ def provenance(cfg: ExtractConfig, seed: int, precision: str, prep: backbone.Pre
     }
 
 
-def extract(params: Params, prepared: Path, out_dir: Path, world: World | None = None) -> dict[str, float] | None:
+def extract(
+    params: Params, prepared: Path, out_dir: Path, world: World | None = None, *, listed: frozenset[bytes] = frozenset()
+) -> dict[str, float] | None:
     """Write ``{split}.h5`` for every split; returns the run's figures (on rank 0; None elsewhere).
 
     Rows are kept in the row store by the content key of their image: only images without a row for this
     setting go through the network, each process taking its contiguous share of their batches. Once every
-    process is done, rank 0 copies the rows, in manifest order, into the final files.
+    process is done, rank 0 copies the rows, in manifest order, into the final files. The rows kept afterwards
+    are those of the manifest's images and of ``listed`` (the content keys of every listed image, those that
+    data.per_class_limit left out too), in every view the store has.
     """
     cfg, world = params.extract, world or World()
     items, classes = sources.read_manifest(prepared)
@@ -80,7 +89,7 @@ def extract(params: Params, prepared: Path, out_dir: Path, world: World | None =
     store_root = out_dir.parent / STORE_DIR
     store = _open_store(store_root, base, cfg, device, world)
     needs = features.needed_views({split: [it.key for it in items] for split, items in rows.items()}, cfg.views)
-    if world.main and store.rows_on_disk == 0:  # a new store: take what the recorded features hold
+    if world.main:  # take what the recorded features hold of the rows this store lacks
         committed.seed(store, needs, out_dir)
     distributed.check_shared(store.dir, world)
     # content key -> views without a row, in manifest order; rank 0's, which every process reads before any writes
@@ -119,7 +128,8 @@ def extract(params: Params, prepared: Path, out_dir: Path, world: World | None =
     store = _open_store(store_root, base, cfg, device, world)  # with every process's rows
     with replaced(out_dir) as tmp:
         _write_splits(store, tmp, rows, base, compression=cfg.compression)
-    dropped = store.keep_only({v: [key for key, views in needs.items() if v in views] for v in cfg.views})
+    live = listed | needs.keys()
+    dropped = store.keep_only({v: [key for key in keys if key in live] for v, keys in store.index.items()})
     store.close()
     prune_stores(store_root, cfg.keep_stores, store.dir)
     stats = _totals(shares, merge_start, time.time()) | {"reused": reused, "dropped": dropped}
@@ -159,6 +169,7 @@ def _open_store(root: Path, base: dict[str, Any], cfg: ExtractConfig, device: to
         shutil.rmtree(root.parent / OLD_PROGRESS_DIR, ignore_errors=True)
     ignored = ("class_names", "views") + (() if cfg.weights == "random" else ("seed",))
     settings = {k: v for k, v in base.items() if k not in ignored}
+    settings |= {"rows": ROWS_VERSION} if ROWS_VERSION > 1 else {}  # the code that makes a row,
     settings |= {
         "batch_size": cfg.batch_size,  # the batch shape can change the last bits, and so can
         "compile": cfg.compile,  # compiled kernels,
@@ -168,6 +179,16 @@ def _open_store(root: Path, base: dict[str, Any], cfg: ExtractConfig, device: to
         "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
     }
     return RowStore(root / settings_key(settings), segment=world.rank, dim=base["feature_dim"], dtype=cfg.storage_dtype)
+
+
+def _listed(cfg: DataConfig) -> frozenset[bytes]:
+    """The content keys of the scan stage's listing, when it lists this source and root: rows to keep."""
+    try:
+        path = dvc_path("images")
+        entries = listing.read(path, listing.Origin(cfg.source, cfg.root)) if path.is_file() else []
+    except PipelineError:  # no dvc.yaml here, or a listing of another root: keep the manifest's rows alone
+        return frozenset()
+    return frozenset(bytes.fromhex(e.key) for e in entries if e.key)
 
 
 def _describe(cfg: ExtractConfig, base: dict[str, Any]) -> str:
@@ -276,15 +297,12 @@ def main() -> None:
     if world.main:
         log.info("extract params: %s", to_dict(params.extract))
     with distributed.joined(world):
-        stats = extract(params, args.prepared, args.out, world)
+        stats = extract(params, args.prepared, args.out, world, listed=_listed(params.data))
     if stats is None:
         return
-    headline = {  # short keys: `dvc metrics show` puts every key of every metrics file in one line
-        "extracted": stats["images"],
-        "reused": stats["reused"],
-        "images/s": round(stats["images_per_second"], 2),
-        "decode_workers": stats["decode_workers"],
-    }
+    # results only, short keys: `dvc metrics show` puts every key of every metrics file in one line (at most 160
+    # columns); the speed and the settings of the run are in the log, and all of its figures in --stats
+    headline = {"extracted": stats["images"], "reused": stats["reused"]}
     with replaced(args.metrics) as tmp:
         tmp.write_text(json.dumps(headline, indent=1) + "\n")
     if args.stats:

@@ -35,14 +35,15 @@ SCHEMA = 1
 CHUNK_BYTES = 1 << 20
 
 # What determines the features; train and evaluate compare these against what they were asked to use.
-IDENTITY_KEYS = ("arch", "weights", "layer", "pool", "image_size", "decode", "views", "storage_dtype", "class_names")
+IDENTITY_KEYS = (
+    "arch", "weights", "layer", "pool", "image_size", "decode", "precision", "views", "storage_dtype", "class_names",
+)  # fmt: skip
 PROVENANCE_KEYS = IDENTITY_KEYS + (
     "schema",
     "split",
     "feature_dim",
     "weights_source",
     "seed",
-    "precision",
     "resize_size",
     "interpolation",
     "mean",

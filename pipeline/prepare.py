@@ -58,7 +58,7 @@ def main() -> None:
         write_skipped(out / SKIPPED, bad)
     counts = collections.Counter(it.split for it in items)
     # short keys: `dvc metrics show` puts every key of every metrics file in one line
-    summary = {"images": len(items), "skipped": len(bad)} | {split: counts[split] for split in sources.SPLITS}
+    summary = {"skipped": len(bad)} | {split: counts[split] for split in sources.SPLITS}  # images: their sum
     with replaced(args.metrics) as metrics:
         metrics.write_text(json.dumps(summary, indent=1) + "\n")
     log.info(

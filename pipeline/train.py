@@ -27,17 +27,20 @@ _OPTIMIZERS = {
 
 
 def expected_provenance(params: Params) -> dict[str, Any]:
-    """What the features must have been made with, from the extract parameters this stage was given."""
+    """What the features must have been made with, from the extract parameters this stage was given. The
+    precision only when it is named: ``auto`` resolves on the machine that extracted."""
     ex = params.extract
-    return {
+    expected = {
         "arch": ex.arch,
         "weights": ex.weights,
         "layer": ex.layer,
         "pool": ex.pool,
         "image_size": ex.image_size,
+        "decode": ex.decode,
         "views": list(ex.views),
         "storage_dtype": ex.storage_dtype,
     }
+    return expected | ({"precision": ex.precision} if ex.precision != "auto" else {})
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from pipeline import sources, splits
+from pipeline.store import RowStore
 from tests.conftest import ROOT, color_image, git, project_env, run, write_params
 
 STAGES = ("scan", "prepare", "extract", "train", "evaluate")
@@ -123,6 +124,31 @@ def test_an_incremental_run_killed_mid_extraction_resumes_byte_identically(image
     assert reused > 30 and done + reused == 270
     resumed = {p.name: digest(p) for p in (project / "data" / "features").glob("*.h5")}
     assert from_scratch(project) == resumed
+
+
+def test_a_per_class_limit_run_keeps_the_rows_of_every_listed_image(imagefolder_project: Path):
+    """Regression: the store kept only the rows of the last manifest, so going back to every image re-extracted
+    the ones that per_class_limit had left out."""
+    project = imagefolder_project
+    write_params(project, {"data": {"per_class_limit": 2}})
+    assert repro(project) == list(STAGES)
+    write_params(project, {"data": {"per_class_limit": 0}})
+    assert repro(project) == list(STAGES)
+    assert extracted(project) == (0, 30)
+
+
+def test_a_store_that_lacks_some_rows_takes_them_from_the_recorded_features(imagefolder_project: Path):
+    """Regression: only an empty store was filled from the recorded features; one that lacked some rows (a
+    teammate's partial store) extracted them again."""
+    project = imagefolder_project
+    features = {p.name: digest(p) for p in (project / "data" / "features").glob("*.h5")}
+    (store_dir,) = (project / "data" / ".feature-store").iterdir()
+    store = RowStore(store_dir, segment=0, dim=512, dtype="float32")
+    assert store.keep_only({"original": list(store.index["original"])[:10]}) == 20
+    result = run(project, "dvc", "repro", "--force", "--single-item", "extract")
+    assert "took 20 rows from the recorded features" in result.stderr, result.stderr
+    assert extracted(project) == (0, 30)
+    assert {p.name: digest(p) for p in (project / "data" / "features").glob("*.h5")} == features
 
 
 def wait_for(found: Callable[[], Any], proc: subprocess.Popen, timeout: float = 120) -> Any:

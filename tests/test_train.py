@@ -89,19 +89,25 @@ def test_provenance_expected_from_params():
     params = parse_params(FAST_PARAMS)
     assert expected_provenance(params) == {
         "arch": "vgg11", "weights": "random", "layer": "pool5", "pool": "avg",
-        "image_size": 32, "views": ["original"], "storage_dtype": "float16",
+        "image_size": 32, "decode": "fast", "views": ["original"], "storage_dtype": "float16",
     }  # fmt: skip
-    assert set(expected_provenance(params)) <= set(features.IDENTITY_KEYS)
+    explicit = parse_params(FAST_PARAMS | {"extract": FAST_PARAMS["extract"] | {"precision": "bf16"}})
+    assert expected_provenance(explicit)["precision"] == "bf16"  # auto resolves where extract ran: not checked
+    assert set(expected_provenance(explicit)) <= set(features.IDENTITY_KEYS)
 
 
 @pytest.mark.parametrize(
-    ("changes", "message"),
+    ("changes", "params", "message"),
     [
-        ({"layer": "pool4"}, "made with layer = 'pool4', but 'pool5' is asked for"),
-        ({"weights": "imagenet"}, "made with weights = 'imagenet', but 'random' is asked for"),
+        ({"layer": "pool4"}, {}, "made with layer = 'pool4', but 'pool5' is asked for"),
+        ({"weights": "imagenet"}, {}, "made with weights = 'imagenet', but 'random' is asked for"),
+        # regressions: the README said train checks these, and it did not
+        ({"decode": "exact"}, {}, "made with decode = 'exact', but 'fast' is asked for"),
+        ({"precision": "bf16"}, {"precision": "fp32"}, "made with precision = 'bf16', but 'fp32' is asked for"),
     ],
 )
-def test_train_stage_refuses_features_made_otherwise(project: Path, changes: dict, message: str):
+def test_train_stage_refuses_features_made_otherwise(project: Path, changes: dict, params: dict, message: str):
+    write_params(project, {"extract": params})
     write_blob_features(project / "data" / "features", **changes)
     result = run_stage(project, "train", check=False)
     assert result.returncode == 2 and message in result.stderr
