@@ -71,14 +71,14 @@ def provenance(cfg: ExtractConfig, seed: int, precision: str, prep: backbone.Pre
 
 
 def extract(
-    params: Params, prepared: Path, out_dir: Path, world: World | None = None, *, listed: frozenset[bytes] = frozenset()
+    params: Params, prepared: Path, out_dir: Path, world: World | None = None, *, keep: frozenset[bytes] = frozenset()
 ) -> dict[str, float] | None:
     """Write ``{split}.h5`` for every split; returns the run's figures (on rank 0; None elsewhere).
 
     Rows are kept in the row store by the content key of their image: only images without a row for this
     setting go through the network, each process taking its contiguous share of their batches. Once every
     process is done, rank 0 copies the rows, in manifest order, into the final files. The rows kept afterwards
-    are those of the manifest's images and of ``listed`` (the content keys of every listed image, those that
+    are those of the manifest's images and of ``keep`` (the content keys of every listed image, those that
     data.per_class_limit left out too), in every view the store has.
     """
     cfg, world = params.extract, world or World()
@@ -128,7 +128,7 @@ def extract(
     store = _open_store(store_root, base, cfg, device, world)  # with every process's rows
     with replaced(out_dir) as tmp:
         _write_splits(store, tmp, rows, base, compression=cfg.compression)
-    live = listed | needs.keys()
+    live = keep | needs.keys()
     dropped = store.keep_only({v: [key for key in keys if key in live] for v, keys in store.index.items()})
     store.close()
     prune_stores(store_root, cfg.keep_stores, store.dir)
@@ -297,7 +297,7 @@ def main() -> None:
     if world.main:
         log.info("extract params: %s", to_dict(params.extract))
     with distributed.joined(world):
-        stats = extract(params, args.prepared, args.out, world, listed=_listed(params.data))
+        stats = extract(params, args.prepared, args.out, world, keep=_listed(params.data))
     if stats is None:
         return
     # results only, short keys: `dvc metrics show` puts every key of every metrics file in one line (at most 160

@@ -133,7 +133,7 @@ def test_a_per_class_limit_run_keeps_the_rows_of_every_listed_image(imagefolder_
     write_params(project, {"data": {"per_class_limit": 2}})
     assert repro(project) == list(STAGES)
     write_params(project, {"data": {"per_class_limit": 0}})
-    assert repro(project) == list(STAGES)
+    assert repro(project, "--no-run-cache") == list(STAGES)  # DVC would restore the first run's outputs
     assert extracted(project) == (0, 30)
 
 

@@ -1,7 +1,10 @@
 from __future__ import annotations
 
+import ast
 import hashlib
+import inspect
 import shutil
+import textwrap
 from pathlib import Path
 
 import h5py
@@ -11,7 +14,7 @@ import torch
 import torchvision
 
 from bench.images import make_jpegs
-from pipeline import backbone, features, sources
+from pipeline import backbone, batches, features, images, sources
 from pipeline import extract as extract_module
 from pipeline.config import parse_params
 from pipeline.errors import PipelineError
@@ -164,3 +167,45 @@ def test_decode_is_in_the_provenance_and_picks_the_row_store(tmp_path: Path, mon
     stats = extract(fast, tmp_path / "prepared", tmp_path / "features")
     assert (stats["reused"], stats["images"]) == (8, 16)  # the interrupted run's batch of 8, kept
     assert digests(tmp_path / "features") == digests(tmp_path / "fast")
+
+
+# The code that turns an image's bytes into its row. A change to any of it changes this digest; then decide whether
+# what a row holds changed: if so, raise extract.ROWS_VERSION (old stores are left alone); either way, record the
+# new digest under the version.
+ROW_CODE = (
+    images.open_image, backbone.Preprocessing, backbone.preprocessing, backbone.Images, backbone.FeatureExtractor,
+    backbone.cut, backbone.init_random, backbone.build_extractor, backbone.load_weights, extract_module._forward,
+    sources.ImageReader, batches.joined,
+)  # fmt: skip
+ROW_CODE_DIGESTS = {1: "22443cff745daa5c"}
+
+
+def row_code_digest() -> str:
+    """A digest of the syntax of ROW_CODE and of the constants it reads, without docstrings and comments."""
+    h = hashlib.sha256()
+    for obj in ROW_CODE:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(obj)))
+        for node in ast.walk(tree):
+            body = getattr(node, "body", None)
+            first = body[0] if isinstance(body, list) and body else None
+            if isinstance(first, ast.Expr) and isinstance(getattr(first.value, "value", None), str):
+                body[0] = ast.Pass()  # a docstring
+        h.update(ast.unparse(tree).encode())  # the syntax, whatever the formatting
+    h.update(repr((images.REDUCE_GAP, backbone.BLOCK_CHANNELS, backbone._FC_DEPTH)).encode())
+    return h.hexdigest()[:16]
+
+
+def test_the_rows_version_follows_the_code_that_makes_a_row():
+    """Regression: code that changes rows did not pick a new store, so old and new rows mixed silently."""
+    assert ROW_CODE_DIGESTS.get(extract_module.ROWS_VERSION) == row_code_digest(), (
+        "the code that makes a row changed: if what a row holds changed, raise pipeline.extract.ROWS_VERSION; "
+        f"then record ROW_CODE_DIGESTS[{extract_module.ROWS_VERSION}] = {row_code_digest()!r} (tests/test_extract.py)"
+    )
+
+
+def test_the_rows_version_picks_the_store(tmp_path: Path, imagefolder: Path, monkeypatch: pytest.MonkeyPatch):
+    params, _, _ = prepare(tmp_path, {"source": "imagefolder", "root": str(imagefolder)})
+    extract(params, tmp_path / "prepared", tmp_path / "features")
+    monkeypatch.setattr(extract_module, "ROWS_VERSION", extract_module.ROWS_VERSION + 1)
+    assert extract(params, tmp_path / "prepared", tmp_path / "features")["reused"] == 0
+    assert len(list((tmp_path / extract_module.STORE_DIR).iterdir())) == 2
