@@ -2,14 +2,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from pipeline import features, heads
-from pipeline.config import TrainConfig, parse_params
+from pipeline import features, heads, listing, sources
+from pipeline.config import DataConfig, TrainConfig, parse_params
 from pipeline.errors import PipelineError
 from pipeline.train import Split, expected_provenance, load_split, train
-from tests.conftest import FAST_PARAMS, run_stage, write_blob_features, write_params
+from tests.conftest import FAST_PARAMS, feature_provenance, run_stage, write_blob_features, write_params
 
 CPU = torch.device("cpu")
 
@@ -123,3 +125,38 @@ def test_train_stage_writes_head_curves_and_metrics(project: Path):
     assert (curves / "train" / "loss.tsv").read_text().count("\n") == 4  # header + 3 epochs
     assert (curves / "val" / "acc.tsv").is_file()
     assert '"acc"' in (project / "reports" / "train" / "metrics.json").read_text()
+
+
+def test_a_few_shot_folder_of_200_classes_of_3_to_6_images_splits_and_trains_under_20_seeds(tmp_path: Path):
+    """Every class keeps a train, a val and a test image whatever the seed, and the head learns from one or two
+    images a class (features: a centre per class plus noise, as a good backbone would give)."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "few"
+    for c, n in enumerate(rng.integers(3, 7, size=200)):
+        (root / f"c{c:03d}").mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(root / f"c{c:03d}" / f"{i}.png")
+    entries = listing.scan(root, listing.imagefolder_ids(root), None)
+    centers = rng.standard_normal((200, 32)).astype(np.float32) * 3
+    noise = {e.id: rng.standard_normal(32).astype(np.float32) * 0.3 for e in entries}
+    for seed in range(20):
+        items, classes = sources.discover(DataConfig(source="imagefolder", root=str(root)), seed, entries)
+        for split in sources.SPLITS:
+            rows = [it for it in items if it.split == split]
+            assert {it.label for it in rows} == set(range(200)), (seed, split)
+            path = tmp_path / f"{split}.h5"
+            prov = feature_provenance(split=split, feature_dim=32, class_names=classes, storage_dtype="float32")
+            with features.FeatureWriter(
+                path, n=len(rows), dim=32, dtype="float32", views=["original"], provenance=prov
+            ) as w:
+                x = np.stack([centers[it.label] + noise[it.id] for it in rows])
+                w.write(0, {"original": x}, np.array([it.label for it in rows]), [it.id for it in rows])
+        splits = {s: load_split(tmp_path / f"{s}.h5", in_memory_mb=64, device=CPU) for s in sources.SPLITS}
+        cfg = TrainConfig(head="linear", epochs=15, lr=0.2, batch_size=64)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # (64, 32) x (32, 200) steps: a second thread only waits for the other tests' cores
+        try:
+            model, _ = train(splits["train"], splits["val"], cfg, seed=seed, device=CPU, log_step=lambda _: None)
+        finally:
+            torch.set_num_threads(threads)
+        assert accuracy(model, splits["test"]) > 0.8, seed  # chance: 0.005
