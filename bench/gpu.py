@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from bench.images import PHOTO_SIZE, make_jpegs, make_photos
+from pipeline.hardware import usable_cores
 
 
 class Utilisation:
@@ -152,7 +153,7 @@ def run(args: argparse.Namespace, work: Path, out: Path) -> dict[str, Any]:
     report: dict[str, Any] = {
         "machine": {
             "platform": platform.platform(),
-            "cpus": len(os.sched_getaffinity(0)),
+            "cpus": usable_cores(),
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
             "torch": str(torch.__version__),
         },

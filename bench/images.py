@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
-import os
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from pipeline.hardware import usable_cores
 
 PHOTO_SIZE = (4032, 3024)  # 12 megapixels, a phone camera's 4:3 frame
 
@@ -39,7 +40,7 @@ def _make(root: Path, n: int, classes: int, workers: int, write: Callable[[list[
     paths = [_path(root, i, classes) for i in todo]
     for path in {p.parent for p in paths}:
         path.mkdir(parents=True, exist_ok=True)
-    workers = len(os.sched_getaffinity(0)) if workers < 0 else workers
+    workers = usable_cores() if workers < 0 else workers
     if workers <= 1 or len(paths) < 2:
         write(paths)
         return root

@@ -35,7 +35,7 @@ Decode = Literal["fast", "exact"]
 HeadKind = Literal["linear", "mlp", "logreg"]
 Optimizer = Literal["sgd", "adamw"]
 
-_DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
+_DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
 
 
 class ConfigError(PipelineError):
@@ -248,7 +248,7 @@ def _check_combinations(p: Params) -> None:
         )
     for key, device in (("extract.device", ex.device), ("train.device", p.train.device)):
         if not _DEVICE.match(device):
-            raise ConfigError(f"{key} = {device!r} is not valid: expected auto | cpu | cuda | cuda:N")
+            raise ConfigError(f"{key} = {device!r} is not valid: expected auto | cpu | cuda | cuda:N | mps")
     if not p.train.logreg_C or any(c <= 0 for c in p.train.logreg_C):
         raise ConfigError(
             f"train.logreg_C = {list(p.train.logreg_C)!r} is not valid: expected a non-empty list of numbers > 0"

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline.errors import PipelineError, Stopped
-from pipeline.hardware import resolve_device
+from pipeline.hardware import resolve_device, usable_cores
 
 T = TypeVar("T")
 
@@ -37,7 +37,8 @@ T = TypeVar("T")
 # which stops the others too, so this only bounds a wait that nothing else would end.
 WAIT = datetime.timedelta(days=7)
 STOPPED = (128 + signal.SIGTERM, 128 + signal.SIGINT)  # the status of a worker stopped because another failed
-LAUNCHER_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
+# the signals the launcher takes over (Windows has neither SIGHUP nor SIGQUIT)
+LAUNCHER_SIGNALS = tuple(getattr(signal, s) for s in ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT") if hasattr(signal, s))
 PEER_GRACE = 10.0  # seconds a process whose peer died waits for the launcher to stop it
 
 
@@ -145,9 +146,15 @@ def joined(world: World) -> Iterator[World]:
 
 
 def device(spec: str, world: World) -> torch.device:
-    """The device named by ``spec`` for this process: with several processes per machine, GPU ``LOCAL_RANK``."""
+    """The device named by ``spec`` for this process: with several processes per machine, GPU ``LOCAL_RANK`` or
+    the CPU. A Mac's GPU (MPS) is one device for the whole machine, so only a run of one process takes it."""
     if world.local_size == 1:
         return resolve_device(spec)
+    if spec == "mps":
+        raise PipelineError(
+            f"extract.device 'mps' is one GPU for the whole machine, but {world.local_size} processes run on it: "
+            "set extract.nproc to 1 to use it, or use cpu"
+        )
     if spec not in ("auto", "cuda", "cpu"):
         raise PipelineError(
             f"extract.device {spec!r} names one GPU, but {world.local_size} processes run on this machine: "
@@ -166,7 +173,7 @@ def device(spec: str, world: World) -> torch.device:
 
 def cpu_threads(world: World) -> int:
     """Threads for one process so that all of this machine's processes together use each core once."""
-    return max(1, len(os.sched_getaffinity(0)) // world.local_size)
+    return max(1, usable_cores() // world.local_size)
 
 
 def gather(obj: T, world: World) -> list[T]:

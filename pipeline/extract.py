@@ -268,7 +268,7 @@ def _forward(
     on the device, after their (pinned, asynchronous) copies. A short batch is zero-padded to ``pad_to`` rows: every
     forward pass has one shape, so a row's bits do not depend on how many images share its batch, nor on the
     thread count (a lone image in a batch of one differed in the last bit between 1 and 2 CPU threads)."""
-    parts = [p.to(device, non_blocking=True) for p in pieces]
+    parts = [p.to(device, non_blocking=device.type == "cuda") for p in pieces]  # MPS: wrong values (torch #139550)
     n = sum(len(p) for p in parts)
     if n < pad_to:
         parts.append(parts[0].new_zeros(pad_to - n, *parts[0].shape[1:]))

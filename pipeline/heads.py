@@ -53,7 +53,7 @@ def standardization(
     total = squares = None
     n = 0
     for x, _ in blocks:
-        x = x.double()
+        x = x.to("cpu", torch.float64) if x.device.type == "mps" else x.double()  # MPS has no float64
         total = x.sum(0) if total is None else total + x.sum(0)
         squares = (x * x).sum(0) if squares is None else squares + (x * x).sum(0)
         n += len(x)

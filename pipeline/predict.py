@@ -62,7 +62,7 @@ def predict(
     k = min(top_k, len(class_names))
     results: list[Prediction] = []
     for images, index, errors in loader:
-        images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        images = images.to(device, non_blocking=device.type == "cuda").contiguous(memory_format=torch.channels_last)
         probs = torch.softmax(head(extractor(images)), 1).cpu()
         values, classes = probs.topk(k, dim=1)
         for row, i in enumerate(index.tolist()):

@@ -71,7 +71,7 @@ def load_split(path: Path, *, in_memory_mb: int, device: torch.device) -> Split:
             range(reader.num_blocks) if generator is None else torch.randperm(reader.num_blocks, generator=generator)
         )
         for k in order:
-            yield tuple(torch.from_numpy(a).to(device, non_blocking=True) for a in reader.read(int(k)))
+            yield tuple(torch.from_numpy(a).to(device, non_blocking=device.type == "cuda") for a in reader.read(int(k)))
 
     return Split(reader.provenance, rows, False, blocks)
 

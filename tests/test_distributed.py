@@ -20,6 +20,7 @@ import torch
 from pipeline import distributed
 from pipeline.distributed import World
 from pipeline.errors import PipelineError
+from pipeline.hardware import usable_cores
 from tests.conftest import STAGE_ARGS, make_imagefolder, project_env, run, run_stage, write_params
 
 FEATURES = Path("data/features")
@@ -39,13 +40,31 @@ def digests(project: Path) -> dict[str, str]:
 def test_each_process_takes_its_gpu_or_its_share_of_the_cores():
     two = World(rank=1, size=2, local_rank=1, local_size=2)
     assert distributed.device("cpu", two) == torch.device("cpu")
-    assert distributed.cpu_threads(two) == max(1, len(os.sched_getaffinity(0)) // 2)
+    assert distributed.cpu_threads(two) == max(1, usable_cores() // 2)
     with pytest.raises(PipelineError, match="names one GPU"):
         distributed.device("cuda:0", two)
     if not torch.cuda.is_available():
         assert distributed.device("auto", two) == torch.device("cpu")
     elif torch.cuda.device_count() >= 2:
         assert distributed.device("auto", two) == torch.device("cuda", 1)
+
+
+def test_each_process_has_its_share_of_the_cores_without_an_affinity_mask(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.delattr(os, "sched_getaffinity", raising=False)  # macOS, Windows
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    monkeypatch.delattr(os, "process_cpu_count", raising=False)
+    assert distributed.cpu_threads(World(size=2, local_size=2)) == 4
+    assert distributed.cpu_threads(World(size=16, local_size=16)) == 1
+
+
+def test_apples_gpu_serves_one_process_only(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    one, two = World(), World(rank=1, size=2, local_rank=1, local_size=2)
+    assert distributed.device("mps", one) == distributed.device("auto", one) == torch.device("mps")
+    assert distributed.device("auto", two) == torch.device("cpu")  # several processes share out the cores instead
+    with pytest.raises(PipelineError, match="^extract.device 'mps' is one GPU for the whole machine, but 2 processes"):
+        distributed.device("mps", two)
 
 
 @pytest.fixture

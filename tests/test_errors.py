@@ -123,7 +123,7 @@ def test_odd_file_names_and_a_fifo_stop_in_one_line_or_are_skipped(project: Path
     skipped = (project / "data/prepared/skipped.csv").read_text().splitlines()
     assert skipped == [
         "id,reason",
-        "cat/line\\x0dbreak.png,\"its name holds a control character (a line break, a tab, ...): rename it\"",
+        'cat/line\\x0dbreak.png,"its name holds a control character (a line break, a tab, ...): rename it"',
         "dog/caf\\xe9.png,its name is not valid UTF-8: rename it",
         "dog/pipe.jpg,not a regular file (a FIFO): only regular files are read",
     ]

@@ -1,8 +1,13 @@
-"""The row store: rows by content key, across segments, surviving kills, compacted and pruned."""
+"""The row store: rows by content key, across segments, surviving kills, compacted and pruned, with processes that
+open it while another compacts it."""
 
 from __future__ import annotations
 
+import logging
 import os
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +15,7 @@ import pytest
 
 from pipeline.store import RowStore, prune_stores, settings_key
 
+ROOT = Path(__file__).resolve().parents[1]
 DIM = 4
 
 
@@ -133,3 +139,133 @@ def test_a_rows_file_without_its_keys_file_counts_as_empty(tmp_path: Path):
     store.close()
     store = RowStore(tmp_path, segment=0, dim=DIM, dtype="float32")
     np.testing.assert_array_equal(store.read("original", [key(1)]), rows(1))
+
+
+def test_a_store_open_without_a_segment_folder_is_never_compacted_under_it(tmp_path: Path):
+    store = RowStore(tmp_path, segment=0, dim=DIM, dtype="float32")
+    store.append([key(i) for i in (1, 101, 2, 102)], {"original": rows(1, 101, 2, 102)})
+    store.close()
+    reader = RowStore(tmp_path, segment=1, dim=DIM, dtype="float32")  # appends nothing: no folder of its own
+    store = RowStore(tmp_path, segment=0, dim=DIM, dtype="float32")
+    assert store.keep_only({"original": [key(1), key(2)]}) == 0  # its index points into segment 0
+    np.testing.assert_array_equal(reader.read("original", [key(1), key(2)]), rows(1, 2))
+    reader.close()
+    assert store.keep_only({"original": [key(1), key(2)]}) == 2
+    with pytest.raises(RuntimeError, match="read after close"):  # compacted and closed: its index is no guarantee
+        store.read("original", [key(1)])
+
+
+def test_two_stores_in_one_process_never_share_a_segment(tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    first = RowStore(tmp_path, segment=0, dim=DIM, dtype="float32")
+    opened: list[RowStore] = []
+    second = threading.Thread(target=lambda: opened.append(RowStore(tmp_path, segment=0, dim=DIM, dtype="float32")))
+    with caplog.at_level(logging.WARNING, logger="pipeline.store"):
+        second.start()
+        second.join(0.5)
+    assert second.is_alive() and not opened
+    assert f"another extraction process is still using {tmp_path / '0'}: waiting for it to stop" in caplog.text
+    first.close()
+    second.join(10)
+    assert opened
+    opened[0].close()
+
+
+# One process compacts the store and stops at a point of keep_only (the hook), until the other has begun opening the
+# store and has indexed it, or for a second. That other process then reads, once the compaction is done, the rows of
+# every live key, each of which encodes its key (see rows()). Before the compaction held the store's lock to its end,
+# the opener indexed the segments halfway through the swap: it read another key's row, a file that had vanished, or
+# deleted the merge under way.
+PROCESS = """
+import os, shutil, sys, time
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.store import RowStore
+
+role, store_dir, signals, arg = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4]
+live = [int(i) for i in sys.argv[5].split(",")]
+key = lambda i: i.to_bytes(16, "big")
+row = lambda i: np.array([[i, i + 0.5, -i, 0]], dtype=np.float32)
+
+
+def wait_for(name, seconds):
+    deadline = time.monotonic() + seconds
+    while not (signals / name).exists() and time.monotonic() < deadline:
+        time.sleep(0.005)
+
+
+def pause():
+    (signals / "paused").touch()
+    wait_for("opening", 20)
+    wait_for("indexed", 1)
+
+
+def before(real, stop_here):
+    def hooked(*args, **kwargs):
+        if stop_here(*args):
+            pause()
+        return real(*args, **kwargs)
+
+    return hooked
+
+
+if role == "compact":
+    store = RowStore(store_dir, segment=0, dim=4, dtype="float32", quiet=True)
+    if arg == "check":  # after keep_only's look for other processes, before the merge
+        Path.mkdir = before(Path.mkdir, lambda path, *_: path.suffix == ".partial")
+    elif arg == "swap":  # the merged segment complete, before it is renamed into place
+        os.replace = before(os.replace, lambda src, *_: str(src).endswith(".partial"))
+    else:  # before the old segments are deleted
+        shutil.rmtree = before(shutil.rmtree, lambda path, *_: not str(path).endswith(".partial"))
+    try:
+        outcome = f"dropped {store.keep_only({'original': [key(i) for i in live]})}"
+    except Exception as err:
+        outcome = f"{type(err).__name__}: {err}"
+else:
+    wait_for("paused", 20)
+    (signals / "opening").touch()
+    store = RowStore(store_dir, segment=int(arg), dim=4, dtype="float32", quiet=True)
+    (signals / "indexed").touch()
+    wait_for("done", 20)
+    problems = []
+    for i in live:
+        try:
+            found = store.read("original", [key(i)])
+        except Exception as err:
+            problems.append(f"key {i}: {type(err).__name__}: {err}")
+            continue
+        if not np.array_equal(found, row(i)):
+            problems.append(f"key {i}: the row {found.tolist()} of another key")
+    store.close()
+    outcome = "; ".join(problems) or "read every row"
+(signals / f"{role}.txt").write_text(outcome)
+(signals / "done").touch()
+"""
+
+
+@pytest.mark.parametrize(("stop", "segment"), [("check", 1), ("swap", 0), ("delete", 0)])
+def test_a_store_opened_during_a_compaction_reads_the_compacted_rows(tmp_path: Path, stop: str, segment: int):
+    """``segment`` 0 is the compacting process's own, so the opener waits for its lock (a second extraction started
+    by hand beside `dvc repro`); another segment is not locked at all."""
+    store_dir, signals = tmp_path / "store", tmp_path / "signals"
+    signals.mkdir()
+    for seg, ids in ((0, [1, 101, 2, 102, 3, 103, 4, 104, 5, 105]), (1, [106, 6, 107, 7])):
+        store = RowStore(store_dir, segment=seg, dim=DIM, dtype="float32")
+        store.append([key(i) for i in ids], {"original": rows(*ids)})
+        store.close()
+    live = ",".join(map(str, range(1, 8)))
+    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    procs = [
+        subprocess.Popen([sys.executable, "-c", PROCESS, role, store_dir, signals, arg, live], cwd=ROOT, env=env)
+        for role, arg in (("compact", stop), ("open", str(segment)))
+    ]
+    try:
+        assert [proc.wait(timeout=60) for proc in procs] == [0, 0]
+    finally:
+        for proc in procs:
+            proc.kill()  # a process still waiting: a deadlock
+    assert (signals / "compact.txt").read_text() == "dropped 7"
+    assert (signals / "open.txt").read_text() == "read every row"
+    store = RowStore(store_dir, segment=0, dim=DIM, dtype="float32")
+    np.testing.assert_array_equal(store.read("original", [key(i) for i in range(1, 8)]), rows(*range(1, 8)))
