@@ -11,6 +11,7 @@ import argparse
 import functools
 import json
 import logging
+import platform
 import shutil
 import sys
 import time
@@ -178,6 +179,7 @@ def _open_store(root: Path, base: dict[str, Any], cfg: ExtractConfig, device: to
         "cuda": torch.version.cuda if device.type == "cuda" else None,  # and the GPU libraries
         "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
     }
+    settings |= {"macos": platform.mac_ver()[0]} if device.type == "mps" else {}  # Metal's kernels come with macOS
     return RowStore(root / settings_key(settings), segment=world.rank, dim=base["feature_dim"], dtype=cfg.storage_dtype)
 
 

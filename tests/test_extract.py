@@ -17,6 +17,7 @@ from bench.images import make_jpegs
 from pipeline import backbone, batches, features, images, sources
 from pipeline import extract as extract_module
 from pipeline.config import parse_params
+from pipeline.distributed import World
 from pipeline.errors import PipelineError
 from pipeline.extract import extract
 from tests.conftest import make_cifar
@@ -209,3 +210,15 @@ def test_the_rows_version_picks_the_store(tmp_path: Path, imagefolder: Path, mon
     monkeypatch.setattr(extract_module, "ROWS_VERSION", extract_module.ROWS_VERSION + 1)
     assert extract(params, tmp_path / "prepared", tmp_path / "features")["reused"] == 0
     assert len(list((tmp_path / extract_module.STORE_DIR).iterdir())) == 2
+
+
+def test_each_device_type_has_its_own_row_store(tmp_path: Path):
+    """Rows of a Mac's GPU (MPS) never mix with the CPU's or CUDA's, nor come from their recorded features."""
+    params = parse_params({"extract": FAST})
+    base = {"feature_dim": 512, "storage_dtype": "float16", "arch": "vgg11", "weights": "random", "seed": 0}
+    dirs = set()
+    for device in ("cpu", "mps", "cuda"):
+        store = extract_module._open_store(tmp_path, base, params.extract, torch.device(device), World())
+        dirs.add(store.dir.name)
+        store.close()
+    assert len(dirs) == 3
