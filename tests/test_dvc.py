@@ -218,6 +218,26 @@ def test_digits_pipeline_end_to_end_with_metrics_and_plots(project: Path):
     assert "top5" in values
     plots = run(project, "dvc", "plots", "show", "--json").stdout
     assert "confusion_matrix.json" in plots and "loss.tsv" in plots
+    assert metrics_width(project) <= 160
+
+
+def metrics_width(project: Path) -> int:
+    return max(map(len, run(project, "dvc", "metrics", "show").stdout.splitlines()))
+
+
+def test_a_hundred_classes_of_three_images_run_through_and_their_metrics_fit_160_columns(project: Path):
+    """Few-shot: one image a split is all a class needs. Regression: `dvc metrics show` had grown to 199 columns."""
+    rng = np.random.default_rng(3)
+    for c in range(100):
+        (project / "data" / "raw" / f"class{c:03d}").mkdir(parents=True)
+        for i in range(3):
+            color_image(rng, c % 6, size=8).save(project / "data" / "raw" / f"class{c:03d}" / f"{i}.png")
+    write_params(project, {"data": {"source": "imagefolder"}, "extract": {"batch_size": 64}, "train": {"epochs": 2}})
+    assert repro(project) == list(STAGES)
+    assert json.loads((project / "reports/prepare/metrics.json").read_text()) == {
+        "skipped": 0, "train": 100, "val": 100, "test": 100,
+    }  # fmt: skip
+    assert metrics_width(project) <= 160
 
 
 def test_a_sweep_over_heads_reuses_the_cached_features(imagefolder_project: Path):
