@@ -4,101 +4,83 @@ and a contact sheet of the worst-classified test images."""
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
-from scipy import stats
 from sklearn import metrics as skm
+from tqdm import tqdm
 
 from pipeline import features, heads, sources
 from pipeline.config import DataConfig, load_params, to_dict, with_dvc_paths
 from pipeline.errors import PipelineError, run_stage
 from pipeline.files import replaced
 from pipeline.images import IMAGE_ERRORS
+from pipeline.scores import Scores, compute_metrics, score
 
 log = logging.getLogger(__name__)
 
 THUMB = 128  # contact-sheet tile side, pixels
+WORST_COUNT = 16
+PER_CLASS = "per_class.json"  # in the live directory: a plot's data, not a metric
+PER_CLASS_TABLE = "per_class.csv"  # every class, whatever their number
+PLOTTED_CLASSES = 100  # more classes than this: the plots show the worst this many, the log the worst LOGGED
+LOGGED_CLASSES = 30
+BLOCK_VALUES = 2**24  # probabilities are made and used a block of rows at a time: 64 MB of float32 at most
 
 
-def compute_metrics(
-    probs: np.ndarray, labels: np.ndarray, *, top_k: int, val_accuracy: float, seed: int
-) -> dict[str, float]:
-    """The headline numbers, flat and short-named (``dvc metrics show`` prints every key of every metrics file
-    in one line): test accuracy with its 95% bootstrap interval, top-k accuracy (when there are more than k
-    classes), macro F1, balanced accuracy, and validation accuracy."""
-    pred = probs.argmax(1)
-    ids = np.arange(probs.shape[1])
-    low, high = accuracy_interval(pred == labels, seed=seed)
-    metrics = {"accuracy": float(skm.accuracy_score(labels, pred)), "acc_lo": low, "acc_hi": high}
-    if probs.shape[1] > top_k:
-        metrics[f"top{top_k}"] = float(skm.top_k_accuracy_score(labels, probs, k=top_k, labels=ids))
-    metrics["macro_f1"] = float(skm.f1_score(labels, pred, labels=ids, average="macro", zero_division=0))
-    metrics["bal_acc"] = float(skm.balanced_accuracy_score(labels, pred))
-    return metrics | {"val_acc": float(val_accuracy)}
-
-
-BOOTSTRAP_RESAMPLES = 2000
-
-
-def accuracy_interval(correct: np.ndarray, *, seed: int) -> tuple[float, float]:
-    """95% interval of the accuracy, percentile bootstrap over the test images (seeded: the same run gives the
-    same interval). On 360 images it is about ±2 points at 96%: heads closer than that are not told apart."""
-    if correct.all() or not correct.any():  # every resample gives the same accuracy
-        return (float(correct.mean()),) * 2
-    result = stats.bootstrap(
-        (correct.astype(np.float64),), np.mean, n_resamples=BOOTSTRAP_RESAMPLES, method="percentile",
-        batch=200, rng=np.random.default_rng(seed),  # batch: 200 resamples at a time, not 2000 x N floats
-    )  # fmt: skip
-    return float(result.confidence_interval.low), float(result.confidence_interval.high)
-
-
-def per_class(probs: np.ndarray, labels: np.ndarray, class_names: Sequence[str]) -> list[dict[str, Any]]:
-    """Precision, recall, F1 and support of each class: one record a class, as DVC's bar plots read them."""
+def per_class(pred: np.ndarray, labels: np.ndarray, class_names: Sequence[str]) -> list[dict[str, Any]]:
+    """Precision, recall, F1 and support of each class: one record a class, in class order."""
     ids = np.arange(len(class_names))
-    precision, recall, f1, support = skm.precision_recall_fscore_support(
-        labels, probs.argmax(1), labels=ids, zero_division=0
-    )
+    precision, recall, f1, support = skm.precision_recall_fscore_support(labels, pred, labels=ids, zero_division=0)
     return [
         {"class": name, "precision": float(p), "recall": float(r), "f1": float(f), "support": int(n)}
         for name, p, r, f, n in zip(class_names, precision, recall, f1, support, strict=True)
     ]
 
 
+def _worst_first(row: dict[str, Any]) -> tuple[float, str]:
+    return row["f1"], row["class"]
+
+
+def plotted_classes(rows: Sequence[dict[str, Any]]) -> list[int]:
+    """The classes of the per-class plot and the confusion matrix: every class in class order up to
+    PLOTTED_CLASSES; above, the PLOTTED_CLASSES worst by F1 (ties by name), worst first: DVC's page draws a bar a
+    class, and a confusion matrix cell for every pair of classes it shows."""
+    if len(rows) <= PLOTTED_CLASSES:
+        return list(range(len(rows)))
+    return sorted(range(len(rows)), key=lambda i: _worst_first(rows[i]))[:PLOTTED_CLASSES]
+
+
 def format_per_class(rows: Sequence[dict[str, Any]]) -> str:
-    """The per-class records as a text table, worst F1 first."""
-    width = max([len(r["class"]) for r in rows] + [5])
+    """The per-class records as a text table, worst F1 first; above PLOTTED_CLASSES classes the LOGGED_CLASSES
+    worst and a line on the rest."""
+    ranked = sorted(rows, key=_worst_first)
+    shown = ranked if len(ranked) <= PLOTTED_CLASSES else ranked[:LOGGED_CLASSES]
+    width = max([len(r["class"]) for r in shown] + [5])
     lines = [f"{'class':<{width}}  precision  recall      f1  support"]
-    for r in sorted(rows, key=lambda r: (r["f1"], r["class"])):
+    for r in shown:
         lines.append(
             f"{r['class']:<{width}}  {r['precision']:>9.3f}  {r['recall']:>6.3f}  {r['f1']:>6.3f}  {r['support']:>7d}"
+        )
+    if len(shown) < len(ranked):
+        median = float(np.median([r["f1"] for r in ranked]))
+        lines.append(
+            f"... and {len(ranked) - len(shown):,} more classes; median F1 of all {len(ranked):,} classes "
+            f"{median:.3f} (every class in {PER_CLASS_TABLE})"
         )
     return "\n".join(lines)
 
 
-WORST_COUNT = 16
-PER_CLASS = "per_class.json"  # in the live directory: a plot's data, not a metric
-
-
-def positive_scores(probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(is positive, score) pairs for ROC and precision-recall curves: the second class's probability for two
-    classes; for more, every (image, class) pair one-vs-rest, which gives the micro-averaged curves."""
-    probs = probs.astype(np.float64)  # dvclive writes the thresholds with json, which refuses float32
-    if probs.shape[1] == 2:
-        return labels == 1, probs[:, 1]
-    onehot = np.eye(probs.shape[1], dtype=bool)[labels]
-    return onehot.ravel(), probs.ravel()
-
-
-def worst_classified(probs: np.ndarray, labels: np.ndarray, *, count: int) -> list[int]:
+def worst_classified(true_prob: np.ndarray, *, count: int) -> list[int]:
     """Test rows by descending loss (lowest probability on the true class), misclassified or not."""
-    return np.argsort(probs[np.arange(len(labels)), labels], kind="stable")[:count].tolist()
+    return np.argsort(true_prob, kind="stable")[:count].tolist()
 
 
 def test_images(cfg: DataConfig, ids: Sequence[str]) -> list[Image.Image | None]:
@@ -155,27 +137,32 @@ def main() -> None:
     log.info("evaluate params: %s", to_dict(params.evaluate))
     model, spec = heads.load_head(args.head)
     val, test = (_read_split(args.features / f"{split}.h5", spec) for split in ("val", "test"))
-    val_probs, test_probs = _probabilities(model, val), _probabilities(model, test)
     class_names = spec["provenance"]["class_names"]
-    results = compute_metrics(
-        test_probs, test.labels, top_k=params.evaluate.top_k, seed=params.seed,
-        val_accuracy=skm.accuracy_score(val.labels, val_probs.argmax(1)),
-    )  # fmt: skip
-    classes = per_class(test_probs, test.labels, class_names)
+    val_pred = np.concatenate([probs.argmax(1) for probs in _probabilities(model, val, len(class_names))])
+    test_probs = _probabilities(model, test, len(class_names))
+    scores = score(test_probs, test.labels, top_k=params.evaluate.top_k, seed=params.seed)
+    val_accuracy = skm.accuracy_score(val.labels, val_pred)
+    results = compute_metrics(scores, test.labels, val_accuracy=val_accuracy, seed=params.seed)
+    classes = per_class(scores.pred, test.labels, class_names)
     log.info(
         "test accuracy %.4f (95%% interval %.4f to %.4f over %d images), macro F1 %.4f, balanced accuracy %.4f",
         results["accuracy"], results["acc_lo"], results["acc_hi"], len(test.labels), results["macro_f1"],
         results["bal_acc"],
     )  # fmt: skip
     log.info("per class (test split), worst F1 first:\n%s", format_per_class(classes))
-    worst = worst_classified(test_probs, test.labels, count=WORST_COUNT)
+    if scores.one_in > 1:
+        log.info(
+            "ROC and precision-recall curves from every positive (image, class) pair and 1 in %d of the negative "
+            "ones, each weighted %d: %s of %s pairs", scores.one_in, scores.one_in, f"{len(scores.y_true):,}",
+            f"{len(test.labels) * len(class_names):,}",
+        )  # fmt: skip
+    worst = worst_classified(scores.true_prob, count=WORST_COUNT)
     captions = [
-        f"{class_names[test.labels[i]]} -> {class_names[test_probs[i].argmax()]} ({test_probs[i].max():.2f})"
-        for i in worst
+        f"{class_names[test.labels[i]]} -> {class_names[scores.pred[i]]} ({scores.pred_prob[i]:.2f})" for i in worst
     ]
     sheet = contact_sheet(test_images(params.data, [test.ids[i] for i in worst]), captions)
     with replaced(args.live) as live_dir:
-        _write_outputs(live_dir, results, classes, test_probs, test.labels, class_names=class_names, sheet=sheet)
+        _write_outputs(live_dir, results, classes, scores, test.labels, class_names=class_names, sheet=sheet)
 
 
 def _read_split(path: Path, spec: dict[str, Any]) -> features.FeatureSet:
@@ -184,32 +171,50 @@ def _read_split(path: Path, spec: dict[str, Any]) -> features.FeatureSet:
     return split
 
 
-def _probabilities(model: heads.Classifier, split: features.FeatureSet) -> np.ndarray:
-    return torch.softmax(heads.predict_logits(model, torch.from_numpy(split.features["original"])), 1).numpy()
+def _probabilities(model: heads.Classifier, split: features.FeatureSet, num_classes: int) -> Iterator[np.ndarray]:
+    """The split's class probabilities in (rows, C) float32 blocks of at most BLOCK_VALUES values and 4096 rows,
+    predict_logits' batch: up to 4096 classes the model sees the batches of one call on the whole split."""
+    x = split.features["original"]
+    rows = max(1, min(4096, BLOCK_VALUES // num_classes))
+    starts = range(0, len(x), rows)
+    for start in tqdm(starts, desc=f"{split.provenance['split']} split", unit="block", disable=len(starts) < 8):
+        logits = heads.predict_logits(model, torch.from_numpy(x[start : start + rows]), batch_size=rows)
+        yield torch.softmax(logits, 1).numpy()
 
 
 def _write_outputs(
     live_dir: Path,
     results: dict[str, float],
     classes: list[dict[str, Any]],
-    probs: np.ndarray,
+    scores: Scores,
     labels: np.ndarray,
     *,
     class_names: Sequence[str],
     sheet: Image.Image,
 ) -> None:
-    """metrics.json, per_class.json and the plots, in dvclive's layout under ``live_dir``."""
+    """metrics.json, the plots in dvclive's layout, and per_class.json and .csv, under ``live_dir``."""
     from dvclive import Live
 
+    shown = plotted_classes(classes)
     with Live(str(live_dir), dvcyaml=False, save_dvc_exp=False) as live:
         live.summary = results
-        names = np.asarray(class_names)
-        live.log_sklearn_plot("confusion_matrix", names[labels], names[probs.argmax(1)], name="confusion_matrix.json")
-        y_true, y_score = positive_scores(probs, labels)
-        live.log_sklearn_plot("roc", y_true, y_score, name="roc.json", drop_intermediate=True)
-        live.log_sklearn_plot("precision_recall", y_true, y_score, name="precision_recall.json")
+        names, images = np.asarray(class_names), np.isin(labels, shown)  # the test images of the classes shown
+        live.log_sklearn_plot(
+            "confusion_matrix", names[labels[images]], names[scores.pred[images]], name="confusion_matrix.json"
+        )
+        pairs = scores.y_true, scores.y_score
+        live.log_sklearn_plot("roc", *pairs, name="roc.json", drop_intermediate=True, sample_weight=scores.weight)
+        # sampled pairs: about MAX_PAIRS distinct scores, a point each; drop_intermediate keeps two per positive
+        live.log_sklearn_plot(
+            "precision_recall", *pairs, name="precision_recall.json", sample_weight=scores.weight,
+            drop_intermediate=scores.one_in > 1,
+        )  # fmt: skip
         live.log_image("worst_test_images.png", sheet)
-    (live_dir / PER_CLASS).write_text(json.dumps(classes, indent=1) + "\n")
+    (live_dir / PER_CLASS).write_text(json.dumps([classes[i] for i in shown], indent=1) + "\n")
+    with open(live_dir / PER_CLASS_TABLE, "w", newline="", encoding="utf-8") as f:
+        table = csv.DictWriter(f, fieldnames=["class", "precision", "recall", "f1", "support"])
+        table.writeheader()
+        table.writerows(classes)
 
 
 if __name__ == "__main__":

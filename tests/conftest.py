@@ -237,3 +237,20 @@ def run_stage(project: Path, stage: str, check: bool = True) -> subprocess.Compl
     if stage == "prepare":
         run_stage(project, "scan", check=check)
     return run(project, "python", "-m", f"pipeline.{stage}", *STAGE_ARGS[stage], check=check)
+
+
+def random_problem(rng: np.random.Generator, n: int, classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """(N, C) class probabilities of a head that is right about half the time, and their labels."""
+    import torch
+
+    labels = rng.permutation(np.arange(n) % classes)  # every class has test images
+    logits = rng.normal(size=(n, classes)).astype(np.float32)
+    logits[np.arange(n), labels] += 2.5  # about half right
+    return torch.softmax(torch.from_numpy(logits), 1).numpy(), labels
+
+
+def metrics_of(probs: np.ndarray, labels: np.ndarray, *, top_k: int = 2) -> dict[str, float]:
+    """evaluate's headline metrics of one block of probabilities."""
+    from pipeline.scores import compute_metrics, score
+
+    return compute_metrics(score([probs], labels, top_k=top_k, seed=0), labels, val_accuracy=0.5, seed=0)

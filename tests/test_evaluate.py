@@ -1,52 +1,33 @@
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from PIL import Image
+from sklearn import metrics as skm
 
-from pipeline import evaluate
+from pipeline import evaluate, features, heads
 from pipeline.config import parse_params
-from pipeline.evaluate import compute_metrics
-from tests.conftest import run_stage, write_blob_features, write_params
+from pipeline.scores import compute_metrics, score
+from tests.conftest import metrics_of, random_problem, run_stage, write_blob_features, write_params
 
 
 def test_metrics_are_scikit_learn_values_on_a_worked_example():
     probs = np.array([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6], [0.2, 0.5, 0.3], [0.3, 0.3, 0.4]])
     labels = np.array([0, 1, 1, 2])  # predictions 0, 2, 1, 2: three of four right
-    m = compute_metrics(probs, labels, top_k=2, val_accuracy=0.5, seed=0)
+    m = metrics_of(probs, labels)
     assert m["accuracy"] == 0.75
     assert m["top2"] == 1.0  # sample 1 has its label second
     assert m["macro_f1"] == pytest.approx((1 + 2 / 3 + 2 / 3) / 3)
     assert m["bal_acc"] == pytest.approx((1 + 0.5 + 1) / 3)  # mean recall per class
     assert m["val_acc"] == 0.5
-    rows = {r["class"]: r for r in evaluate.per_class(probs, labels, ["a", "b", "c"])}
+    rows = {r["class"]: r for r in evaluate.per_class(probs.argmax(1), labels, ["a", "b", "c"])}
     assert rows["b"] == {"class": "b", "precision": 1.0, "recall": 0.5, "f1": pytest.approx(2 / 3), "support": 2}
     assert rows["c"]["precision"] == 0.5
-
-
-@pytest.mark.parametrize("classes", [3, 100])
-def test_the_metric_keys_are_the_same_for_3_or_100_classes(classes: int):
-    rng = np.random.default_rng(0)
-    labels = np.arange(4 * classes) % classes
-    m = compute_metrics(rng.dirichlet(np.ones(classes), len(labels)), labels, top_k=2, val_accuracy=0.5, seed=0)
-    assert list(m) == ["accuracy", "acc_lo", "acc_hi", "top2", "macro_f1", "bal_acc", "val_acc"]
-
-
-def test_the_accuracy_interval_is_a_seeded_bootstrap_that_narrows_with_more_images():
-    rng = np.random.default_rng(1)
-    small, large = rng.random(360) < 0.9, rng.random(3600) < 0.9
-    low, high = evaluate.accuracy_interval(small, seed=0)
-    assert low < small.mean() < high and (low, high) == evaluate.accuracy_interval(small, seed=0)
-    assert high - low == pytest.approx(2 * 1.96 * np.sqrt(0.9 * 0.1 / 360), rel=0.2)  # the normal approximation
-    assert np.subtract(*evaluate.accuracy_interval(large, seed=0)[::-1]) < (high - low) / 2
-    assert evaluate.accuracy_interval(np.ones(50, dtype=bool), seed=0) == (1.0, 1.0)
-
-
-def test_top_k_is_left_out_when_there_are_not_more_classes_than_k():
-    m = compute_metrics(np.eye(3), np.arange(3), top_k=5, val_accuracy=1.0, seed=0)
-    assert not any(key.startswith("top") for key in m)
 
 
 def test_the_per_class_table_lists_the_worst_f1_first():
@@ -55,6 +36,94 @@ def test_the_per_class_table_lists_the_worst_f1_first():
     lines = evaluate.format_per_class(rows).splitlines()
     assert lines[0].split() == ["class", "precision", "recall", "f1", "support"]
     assert lines[1].split() == ["dog", "0.500", "1.000", "0.667", "3"] and lines[2].startswith("cat")
+
+
+def test_probabilities_come_in_blocks_of_bounded_size(monkeypatch: pytest.MonkeyPatch):
+    torch.manual_seed(0)
+    x = torch.randn(9000, 8)
+    model = heads.Classifier(torch.nn.Linear(8, 10), torch.zeros(8), torch.ones(8))
+    split = features.FeatureSet({"original": x.numpy()}, np.zeros(9000, dtype=np.int64), [], {"split": "test"})
+    whole = torch.softmax(heads.predict_logits(model, x), 1).numpy()
+    blocks = list(evaluate._probabilities(model, split, 10))
+    assert [len(b) for b in blocks] == [4096, 4096, 808]  # predict_logits' batches: the same numbers
+    np.testing.assert_array_equal(np.concatenate(blocks), whole)
+    monkeypatch.setattr(evaluate, "BLOCK_VALUES", 10 * 1000)
+    blocks = list(evaluate._probabilities(model, split, 10))
+    assert {len(b) for b in blocks[:-1]} == {1000}
+    np.testing.assert_allclose(np.concatenate(blocks), whole, rtol=1e-6)
+
+
+def per_class_rows(classes: int) -> list[dict]:
+    """Per-class records with F1 falling with the class number and every fifth class tied at 0."""
+    return [
+        {"class": f"c{i:03d}", "precision": 0.5, "recall": 0.5, "f1": 0.0 if i % 5 == 0 else 1 - i / classes,
+         "support": 3}
+        for i in range(classes)
+    ]  # fmt: skip
+
+
+def test_above_100_classes_the_plot_shows_the_100_worst_by_f1_ties_by_name():
+    rows = per_class_rows(250)
+    shown = evaluate.plotted_classes(rows)
+    assert [rows[i]["class"] for i in shown[:50]] == [f"c{i:03d}" for i in range(0, 250, 5)]  # F1 0, by name
+    assert [rows[i]["f1"] for i in shown[50:]] == sorted(rows[i]["f1"] for i in range(250) if i % 5)[:50]
+
+
+def test_above_100_classes_the_log_table_shows_the_30_worst_and_a_line_on_the_rest():
+    rows = per_class_rows(250)
+    lines = evaluate.format_per_class(rows).splitlines()
+    worst = [f"c{i:03d}" for i in range(0, 150, 5)]  # F1 0, by name
+    assert len(lines) == 1 + 30 + 1 and [line.split()[0] for line in lines[1:31]] == worst
+    median = np.median([r["f1"] for r in rows])
+    assert lines[-1] == f"... and 220 more classes; median F1 of all 250 classes {median:.3f}" + (
+        " (every class in per_class.csv)"
+    )
+
+
+def test_up_to_100_classes_the_plot_and_the_log_show_every_class():
+    rows = per_class_rows(100)
+    assert evaluate.plotted_classes(rows) == list(range(100))
+    assert len(evaluate.format_per_class(rows).splitlines()) == 101
+
+
+@pytest.mark.parametrize("classes", [3, 150])
+def test_the_outputs_keep_every_class_in_the_table_and_the_worst_in_the_plots(tmp_path: Path, classes: int):
+    rng = np.random.default_rng(0)
+    probs, labels = random_problem(rng, 4 * classes, classes)
+    names = [f"k{i:03d}" for i in range(classes)]
+    scores = score([probs], labels, top_k=5, seed=0)
+    rows = evaluate.per_class(scores.pred, labels, names)
+    results = compute_metrics(scores, labels, val_accuracy=0.5, seed=0)
+    evaluate._write_outputs(tmp_path, results, rows, scores, labels, class_names=names, sheet=Image.new("RGB", (4, 4)))
+    with open(tmp_path / "per_class.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    assert [r["class"] for r in table] == names and float(table[-1]["f1"]) == rows[-1]["f1"]
+    plotted = json.loads((tmp_path / "per_class.json").read_text())
+    cells = json.loads((tmp_path / "plots" / "sklearn" / "confusion_matrix.json").read_text())
+    if classes <= 100:  # every class in class order, every test image
+        assert plotted == rows and len(cells) == len(labels)
+    else:  # the 100 worst, worst first, and the test images of those classes
+        assert plotted == sorted(rows, key=lambda r: (r["f1"], r["class"]))[:100]
+        assert {c["actual"] for c in cells} == {r["class"] for r in plotted}
+        assert len(cells) == sum(names[label] in {r["class"] for r in plotted} for label in labels)
+
+
+def test_sampled_curves_are_written_with_their_weights_and_fewer_points(tmp_path: Path):
+    probs, labels = random_problem(np.random.default_rng(1), 1000, 200)
+    scores = score(np.array_split(probs, 3), labels, top_k=5, seed=0, max_pairs=20_000)
+    assert scores.one_in > 1
+    names = [f"k{i:03d}" for i in range(200)]
+    rows = evaluate.per_class(scores.pred, labels, names)
+    evaluate._write_outputs(tmp_path, {}, rows, scores, labels, class_names=names, sheet=Image.new("RGB", (4, 4)))
+    roc = json.loads((tmp_path / "plots" / "sklearn" / "roc.json").read_text())["roc"]
+    fpr, tpr, _ = skm.roc_curve(scores.y_true, scores.y_score, sample_weight=scores.weight, drop_intermediate=True)
+    assert [p["fpr"] for p in roc] == fpr.tolist() and [p["tpr"] for p in roc] == tpr.tolist()
+    pr = json.loads((tmp_path / "plots" / "sklearn" / "precision_recall.json").read_text())["precision_recall"]
+    assert len(pr) <= 2 * 1000 + 2 < len(scores.y_true)  # at most the two ends of each step in recall
+
+
+def test_the_worst_classified_are_the_lowest_true_class_probabilities_first_row_first_on_ties():
+    assert evaluate.worst_classified(np.array([0.5, 0.1, 0.9, 0.1], dtype=np.float32), count=3) == [1, 3, 0]
 
 
 def _train(project: Path) -> None:
@@ -70,6 +139,8 @@ def test_evaluate_stage_writes_metrics_per_class_results_and_a_named_confusion_m
     assert metrics["accuracy"] > 0.9 and len(metrics) == 6  # 3 classes: no top-5
     rows = json.loads((project / "reports" / "evaluate" / "per_class.json").read_text())
     assert [r["class"] for r in rows] == ["a", "b", "c"] and sum(r["support"] for r in rows) == 90
+    table = (project / "reports" / "evaluate" / "per_class.csv").read_text().splitlines()
+    assert table[0] == "class,precision,recall,f1,support" and [line[0] for line in table[1:]] == ["a", "b", "c"]
     assert "per class (test split), worst F1 first" in result.stderr
     cells = json.loads((project / "reports" / "evaluate" / "plots" / "sklearn" / "confusion_matrix.json").read_text())
     assert len(cells) == 90 and {c["actual"] for c in cells} == {"a", "b", "c"}
