@@ -52,7 +52,8 @@ def run_stage(main: Callable[[], None]) -> None:
         _tell_launcher(f"error: {err}")
         if os.environ.get("PIPELINE_DEBUG"):
             raise
-        print(f"error: {who}{err}", file=sys.stderr)
+        lead = "\n" if size > 1 else ""  # rank 0's progress bar may stand unfinished on the line: start our own
+        print(f"{lead}error: {who}{err}", file=sys.stderr)
         sys.exit(2)
     except Exception as err:
         if isinstance(err.__context__, (KeyboardInterrupt, Stopped)):  # raised while stopping, e.g. the DataLoader

@@ -3,6 +3,7 @@ the errors that mean "unreadable"."""
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 from typing import IO
@@ -36,6 +37,8 @@ def open_image(path: Path | IO[bytes], reduce_for: int = 0) -> Image.Image:
     16-bit images are scaled to 8 bits (PIL's own conversion would clip them to white); an image over
     PIL's pixel limit (``Image.MAX_IMAGE_PIXELS``) is refused as a decompression bomb.
     """
+    if isinstance(path, (str, Path)) and os.path.exists(path) and not os.path.isfile(path):
+        raise OSError(f"not a regular file: {path}")  # a FIFO would block, a device never end
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with Image.open(path) as img:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -43,14 +44,17 @@ def read_predictions(path: Path) -> list[dict[str, str]]:
 def test_predict_matches_evaluate_and_reports_bad_files(trained: Path):
     images = images_of_test_split(trained)
     (trained / "notes.jpg").write_text("not an image")
-    result = run(trained, "python", "-m", "pipeline.predict", *images, "notes.jpg", "--out", "predictions.csv")
-    assert f"1 of {len(images) + 1} files could not be read" in result.stderr
+    os.mkfifo(trained / "pipe.jpg")  # regression: a FIFO named like an image blocked predict for good
+    args = [*images, "notes.jpg", "pipe.jpg", "--out", "predictions.csv"]
+    result = run(trained, "timeout", "120", "python", "-m", "pipeline.predict", *args)
+    assert f"2 of {len(images) + 2} files could not be read" in result.stderr
     rows = read_predictions(trained / "predictions.csv")
-    assert [r["path"] for r in rows] == [*images, "notes.jpg"]
-    assert rows[-1]["error"].startswith("UnidentifiedImageError") and rows[-1]["class_1"] == ""
+    assert [r["path"] for r in rows] == [*images, "notes.jpg", "pipe.jpg"]
+    assert rows[-2]["error"].startswith("UnidentifiedImageError") and rows[-2]["class_1"] == ""
+    assert rows[-1]["error"] == "OSError: not a regular file: pipe.jpg"
     probs = cached_probabilities(trained)
     names = ["cat", "dog", "owl"]
-    for row, p in zip(rows[:-1], probs, strict=True):
+    for row, p in zip(rows[:-2], probs, strict=True):
         assert row["error"] == ""
         for i in range(1, 4):
             assert float(row[f"prob_{i}"]) == pytest.approx(p[names.index(row[f"class_{i}"])], abs=1e-4)
