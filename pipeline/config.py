@@ -51,7 +51,7 @@ def _range(default: float, lo: float | None = None, hi: float | None = None, *, 
 class DataConfig:
     source: Source = "digits"
     root: str = "data/raw"
-    layout: Layout = "auto"  # imagefolder: are the top folders classes or train/ val/ test/? (listing.layout)
+    layout: Layout = "auto"  # imagefolder: are the top folders classes or train/ val/ test/? (folders.layout)
     download: bool = False
     val_fraction: float = _range(0.1, 0.0, 0.9, lo_open=True)
     test_fraction: float = _range(0.2, 0.0, 0.9, lo_open=True)

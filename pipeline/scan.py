@@ -12,7 +12,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from pipeline import images, listing
+from pipeline import folders, images, listing
 from pipeline.config import load_params, with_dvc_paths
 from pipeline.errors import run_stage
 from pipeline.files import replaced
@@ -31,11 +31,11 @@ def main() -> None:
     args = with_dvc_paths(parser.parse_args(), out="images")
     cfg = load_params().data
     root, origin = Path(cfg.root), listing.Origin(cfg.source, cfg.root)
-    if not listing.present(cfg.source, root) and args.out.is_file():
+    if not folders.present(cfg.source, root) and args.out.is_file():
         listing.check_origin(args.out, origin)  # a mistyped data.root is no clone without the images
         log.warning("no images in %s: keeping the listing %s as it is (a clone without the images)", root, args.out)
         return
-    ids = listing.source_ids(cfg.source, root, cfg.layout)
+    ids = folders.source_ids(cfg.source, root, cfg.layout)
     check = images.image_problem if cfg.source == "imagefolder" and cfg.on_bad_image == "skip" else None
     entries = listing.scan(root, ids, stat_cache(args.out), check=check)
     with replaced(args.out) as tmp:

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline import listing, splits
+from pipeline import folders, listing, splits
 from pipeline.config import DataConfig
 from pipeline.errors import PipelineError
 from pipeline.images import open_image
@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 SPLITS = splits.SPLITS
 MANIFEST = "manifest.csv"
 CLASSES = "classes.json"
-_CIFAR_DIR = listing.CIFAR_DIR
+_CIFAR_DIR = folders.CIFAR_DIR
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ def discover(
     else:
         if entries is None:
             root = Path(cfg.root)
-            entries = listing.scan(root, listing.imagefolder_ids(root, cfg.layout), cache_path=None)
+            entries = listing.scan(root, folders.imagefolder_ids(root, cfg.layout), cache_path=None)
         items, classes = _imagefolder_items(entries, cfg, seed, exclude)
     if cfg.per_class_limit:
         items = limit_per_class(items, classes, cfg.per_class_limit, seed)
@@ -102,11 +102,11 @@ def limit_per_class(items: list[Item], classes: Sequence[str], limit: int, seed:
 def _imagefolder_items(
     entries: Sequence[listing.Entry], cfg: DataConfig, seed: int, exclude: frozenset[str]
 ) -> tuple[list[Item], list[str]]:
-    """Items from the listing (see listing.imagefolder_ids for the layout): classes from every listed file, the
+    """Items from the listing (see folders.imagefolder_ids for the layout): classes from every listed file, the
     excluded ones included, so that leaving a file out never renumbers the classes."""
     _check_unique(e.id for e in entries)
-    folders = sorted({e.id.split("/", 1)[0] for e in entries})
-    by_split = listing.layout(Path(cfg.root), cfg.layout, folders) == "splits"
+    tops = sorted({e.id.split("/", 1)[0] for e in entries})
+    by_split = folders.layout(Path(cfg.root), cfg.layout, tops) == "splits"
     parts = [e.id.split("/")[1:] if by_split else e.id.split("/") for e in entries]
     classes = sorted({p[0] for p in parts})
     if len(classes) < 2:
@@ -119,7 +119,7 @@ def _imagefolder_items(
             kept.setdefault(folder, []).append(Item(e.id, label[p[0]], "", e.key))
     usable = {it.label for group in kept.values() for it in group}
     if len(usable) < len(classes):  # every image of a class was left out (a class folder with a refused name)
-        names = listing.few([repr(c) for k, c in enumerate(classes) if k not in usable])
+        names = folders.few([repr(c) for k, c in enumerate(classes) if k not in usable])
         raise PipelineError(f"class {names} has no usable image (see skipped.csv): rename or remove its folder")
     if "" in kept:
         items = _split_items(kept[""], classes, cfg, seed)
@@ -210,7 +210,7 @@ def find_images(paths: Sequence[Path]) -> list[Path]:
     """The image files among ``paths``, with folders searched recursively (hidden files skipped), in order."""
     found: list[Path] = []
     for path in paths:
-        found += listing.image_files(path) if path.is_dir() else [path]
+        found += folders.image_files(path) if path.is_dir() else [path]
     return found
 
 

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import images, listing
+from pipeline import folders, images, listing
 from pipeline.errors import PipelineError
 from tests.conftest import make_imagefolder
 
 
 def scan(root: Path, cache: Path, **kwargs) -> dict[str, listing.Entry]:
-    return {e.id: e for e in listing.scan(root, listing.imagefolder_ids(root), cache, **kwargs)}
+    return {e.id: e for e in listing.scan(root, folders.imagefolder_ids(root), cache, **kwargs)}
 
 
 def settle(root: Path) -> None:
@@ -77,12 +77,12 @@ def test_a_decode_check_runs_once_a_file_even_when_switched_on_later(imagefolder
 
 def test_the_listing_file_round_trips_and_its_layout_errors_name_the_folder(tmp_path: Path):
     root = make_imagefolder(tmp_path / "images", classes=("a", "b"), per_class=2)
-    entries = listing.scan(root, listing.imagefolder_ids(root), None)
+    entries = listing.scan(root, folders.imagefolder_ids(root), None)
     origin = listing.Origin("imagefolder", "data/raw")
     listing.write(tmp_path / "images.csv", entries, origin)
     assert listing.read(tmp_path / "images.csv", origin) == entries
     with pytest.raises(PipelineError, match="is not a directory"):
-        listing.imagefolder_ids(tmp_path / "missing")
+        folders.imagefolder_ids(tmp_path / "missing")
     with pytest.raises(PipelineError, match="run the scan stage first"):
         listing.read(tmp_path / "none.csv", origin)
 
@@ -96,49 +96,6 @@ def test_a_listing_is_read_only_for_the_source_and_root_it_lists(tmp_path: Path)
     (tmp_path / "old.csv").write_text("id,key,problem\n")  # an earlier release's, without its origin
     with pytest.raises(PipelineError, match="earlier release"):
         listing.check_origin(tmp_path / "old.csv", listing.Origin("imagefolder", "data/raw"))
-
-
-@pytest.mark.parametrize(
-    ("folders", "spec", "expected"),
-    [
-        (["car", "train"], "classes", "classes"),  # PASCAL VOC's class "train"
-        (["train", "val"], "auto", "splits"),
-        (["bus", "car"], "auto", "classes"),
-        (["test", "train"], "splits", "splits"),
-        (["train", "val"], "classes", "classes"),
-    ],
-)
-def test_the_layout_is_what_the_user_says_or_what_the_names_leave_no_doubt_about(folders, spec, expected):
-    assert listing.layout(Path("raw"), spec, folders) == expected
-
-
-@pytest.mark.parametrize(
-    ("folders", "spec", "message"),
-    [
-        (
-            ["bus", "car", "train"],
-            "auto",
-            r"split folders \(train\) beside other folders \(bus, car\): set data.layout",
-        ),
-        (["bus", "train"], "splits", r"folders other than train/ val/ test/ \(bus\)"),
-        (["test", "val"], "auto", "no train/ folder"),
-    ],
-)
-def test_an_ambiguous_or_wrong_layout_is_refused_in_one_line(folders, spec, message):
-    with pytest.raises(PipelineError, match=message):
-        listing.layout(Path("raw"), spec, folders)
-
-
-def test_a_class_called_train_is_a_class_under_layout_classes(tmp_path: Path):
-    """Regression: flat raw/{train,car,bus}/ failed with "no class folders"; with train/ holding subfolders, those
-    silently became the classes and car/ and bus/ were dropped."""
-    root = make_imagefolder(tmp_path / "flat", classes=("bus", "car", "train"), per_class=3)
-    with pytest.raises(PipelineError, match="set data.layout: classes if train is a class"):
-        listing.imagefolder_ids(root)
-    assert {i.split("/")[0] for i in listing.imagefolder_ids(root, "classes")} == {"bus", "car", "train"}
-    make_imagefolder(root / "train", classes=("x", "y"), per_class=2)  # train/ with subfolders of its own
-    with pytest.raises(PipelineError, match="split folders"):
-        listing.imagefolder_ids(root)
 
 
 def test_an_edit_in_place_that_keeps_size_mtime_and_inode_is_read_again(imagefolder: Path, tmp_path: Path):
@@ -164,8 +121,8 @@ def test_a_fifo_or_a_link_to_a_device_is_listed_as_a_problem_and_never_read(imag
     os.mkfifo(imagefolder / "cat" / "pipe.jpg")
     (imagefolder / "cat" / "zero.png").symlink_to("/dev/zero")
     code = (
-        "import sys; from pathlib import Path; from pipeline import listing; root = Path(sys.argv[1]); "
-        "entries = listing.scan(root, listing.imagefolder_ids(root), None); "
+        "import sys; from pathlib import Path; from pipeline import folders, listing; root = Path(sys.argv[1]); "
+        "entries = listing.scan(root, folders.imagefolder_ids(root), None); "
         "[print(e.id, e.problem, sep='|') for e in entries if e.problem]"
     )
     result = subprocess.run([sys.executable, "-c", code, imagefolder], capture_output=True, text=True, timeout=60)
@@ -184,7 +141,7 @@ def test_names_that_are_not_utf8_or_hold_control_characters_are_listed_escaped_a
     (root / "a" / "tab\t.png").write_bytes(good)
     with open(os.path.join(os.fsencode(root / "b"), b"caf\xe9.png"), "wb") as f:  # a Latin-1 name from an old zip
         f.write(good)
-    entries = listing.scan(root, listing.imagefolder_ids(root), tmp_path / "stat.json")
+    entries = listing.scan(root, folders.imagefolder_ids(root), tmp_path / "stat.json")
     origin = listing.Origin("imagefolder", str(root))
     listing.write(tmp_path / "images.csv", entries, origin)
     found = {e.id: e.problem for e in listing.read(tmp_path / "images.csv", origin) if e.problem}

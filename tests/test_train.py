@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import features, heads, listing, sources
+from pipeline import features, folders, heads, listing, sources
 from pipeline.config import DataConfig, TrainConfig, parse_params
 from pipeline.errors import PipelineError
 from pipeline.train import Split, expected_provenance, load_split, train
@@ -136,7 +136,7 @@ def test_a_few_shot_folder_of_200_classes_of_3_to_6_images_splits_and_trains_und
         (root / f"c{c:03d}").mkdir(parents=True)
         for i in range(n):
             Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(root / f"c{c:03d}" / f"{i}.png")
-    entries = listing.scan(root, listing.imagefolder_ids(root), None)
+    entries = listing.scan(root, folders.imagefolder_ids(root), None)
     centers = rng.standard_normal((200, 32)).astype(np.float32) * 3
     noise = {e.id: rng.standard_normal(32).astype(np.float32) * 0.3 for e in entries}
     for seed in range(20):
