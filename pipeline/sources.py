@@ -119,8 +119,11 @@ def _imagefolder_items(
             kept.setdefault(folder, []).append(Item(e.id, label[p[0]], "", e.key))
     usable = {it.label for group in kept.values() for it in group}
     if len(usable) < len(classes):  # every image of a class was left out (a class folder with a refused name)
-        names = folders.few([repr(c) for k, c in enumerate(classes) if k not in usable])
-        raise PipelineError(f"class {names} has no usable image (see skipped.csv): rename or remove its folder")
+        names = folders.few([f"'{c}'" for k, c in enumerate(classes) if k not in usable])
+        raise PipelineError(
+            f"class {names} has no usable image: each was left out (the warnings above say why); rename or remove "
+            "its folder"
+        )
     if "" in kept:
         items = _split_items(kept[""], classes, cfg, seed)
     else:

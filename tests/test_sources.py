@@ -144,3 +144,13 @@ def test_a_reader_given_content_keys_refuses_a_file_that_changed_since_it_was_li
     (imagefolder / "cat" / "000.png").write_bytes((imagefolder / "cat" / "001.png").read_bytes())
     with pytest.raises(OSError, match="changed after the scan stage listed it"):
         reader("cat/000.png")
+
+
+def test_a_class_whose_every_image_was_left_out_is_named_in_one_line():
+    """A class folder with a refused name (not UTF-8, a control character) leaves a class with no usable image."""
+    from pipeline.listing import Entry
+
+    entries = [Entry(f"{c}/{i}.png", f"{c}{i}".ljust(32, "0"), "") for c in ("a", "b", "c\\x0d") for i in range(3)]
+    bad = frozenset(e.id for e in entries if e.id.startswith("c"))
+    with pytest.raises(PipelineError, match=r"class 'c\\x0d' has no usable image: each was left out"):
+        sources.discover(DataConfig(source="imagefolder"), 0, entries, exclude=bad)
