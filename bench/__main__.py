@@ -29,6 +29,7 @@ import yaml
 
 from bench import photos
 from bench.images import make_jpegs
+from pipeline.config import defaults
 
 REPO = Path(__file__).resolve().parents[1]
 PROJECT_FILES = ("dvc.yaml", "params.yaml", "pipeline", ".dvc/config", ".dvc/.gitignore", ".dvcignore")
@@ -88,7 +89,7 @@ def save_report(out: Path | None, quick: bool, name: str, text: str, report: dic
 
 
 def params_for(root: Path, extract: dict[str, Any], train: dict[str, Any] | None = None) -> dict[str, Any]:
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params = defaults()  # the pipeline's defaults, whatever this clone's params.yaml says
     params["data"].update(source="imagefolder", root=str(root))
     params["extract"].update({"weights": "random"} | extract)
     params["train"].update(train or {})

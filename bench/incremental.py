@@ -50,8 +50,8 @@ def project(src: Path, dest: Path, extract: dict[str, Any], images: Path | None 
     if images:
         shutil.copytree(images, dest / "data" / "raw", copy_function=os.link)
     params = params_for(Path("data/raw"), extract)
-    known = yaml.safe_load((src / "params.yaml").read_text())["extract"]  # an older tree may lack newer keys
-    params["extract"] = {k: v for k, v in params["extract"].items() if k in known}
+    known = yaml.safe_load((src / "params.yaml").read_text())  # an older tree may lack newer keys
+    params = {s: {k: v for k, v in p.items() if k in known[s]} if isinstance(p, dict) else p for s, p in params.items()}
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     git(dest, "init", "-q")
     (dest / ".git" / "info" / "exclude").write_text("/data/raw/\n")

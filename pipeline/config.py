@@ -257,6 +257,17 @@ def _check_combinations(p: Params) -> None:
         raise ConfigError(f"train.hidden = {list(p.train.hidden)!r} is not valid: expected layer widths >= 1")
 
 
+def defaults() -> dict[str, Any]:
+    """Every parameter at its default, nested as params.yaml holds them (mappings and lists)."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return [plain(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+    return plain(dataclasses.asdict(Params()))
+
+
 def to_dict(obj: Any) -> dict[str, Any]:
     """Plain, JSON-able form of a config section, for logs and provenance."""
     out = dataclasses.asdict(obj)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import pickle
 import shutil
@@ -15,6 +14,8 @@ import numpy as np
 import pytest
 import yaml
 from PIL import Image
+
+from pipeline.config import defaults
 
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT_FILES = (
@@ -130,18 +131,6 @@ def reproduced(reproduced_template: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(reproduced_template, tmp_path / "project", symlinks=True))
 
 
-def default_params() -> dict:
-    """params.yaml as the pipeline's defaults make it: a test project never depends on the user's edits of theirs."""
-    from pipeline.config import Params
-
-    def plain(value: object) -> object:
-        if isinstance(value, dict):
-            return {k: plain(v) for k, v in value.items()}
-        return [plain(v) for v in value] if isinstance(value, (list, tuple)) else value
-
-    return plain(dataclasses.asdict(Params()))
-
-
 def copy_project(dest: Path) -> Path:
     for name in PROJECT_FILES:
         src = ROOT / name
@@ -150,7 +139,8 @@ def copy_project(dest: Path) -> Path:
         else:
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / name)
-    (dest / "params.yaml").write_text(yaml.safe_dump(default_params(), sort_keys=False))
+    # the pipeline's defaults: a test project never depends on the user's edits of their params.yaml
+    (dest / "params.yaml").write_text(yaml.safe_dump(defaults(), sort_keys=False))
     write_params(dest, FAST_PARAMS)
     git(dest, "init", "-q")
     git(dest, "add", "-A")
