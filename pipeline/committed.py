@@ -1,8 +1,9 @@
 """The features of the last recorded extraction, read through DVC, as a source of rows.
 
-A clone that has the recorded features (pulled with DVC, or in its DVC cache) but no row store of its own, such as
-a teammate's clone or one whose store was cleared, fills its store from them before extracting, and so runs the
-network only on the images they lack. Only rows made under the same row-store settings are taken (the files
+A clone that has the recorded features (pulled with DVC, or in its DVC cache) and a row store that lacks some of
+their rows, such as a teammate's clone or one whose store was cleared or only partly filled, fills its store from
+them before extracting, and so runs the network only on the images they lack. Only the keys are read whole; rows
+are read where a block holds one that is wanted. Only rows made under the same row-store settings are taken (the files
 name them in ``row_settings``), so the result is what this clone would have extracted itself.
 """
 

@@ -141,8 +141,8 @@ def _not_regular(mode: int) -> str:
     return f"not a regular file ({kind}): only regular files are read"
 
 
-def _hit(cached: list | None, stat: tuple[int, int, int, int], *, checked: bool) -> bool:
-    return cached is not None and tuple(cached[:4]) == stat and (cached[6] or not checked)
+def _hit(cached: list | None, found: tuple[int, int, int, int], *, checked: bool) -> bool:
+    return cached is not None and tuple(cached[:4]) == found and (cached[6] or not checked)
 
 
 def _key(path: Path) -> str:
