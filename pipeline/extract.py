@@ -299,7 +299,8 @@ def main() -> None:
     if world.main:
         log.info("extract params: %s", to_dict(params.extract))
     with distributed.joined(world):
-        stats = extract(params, args.prepared, args.out, world, keep=_listed(params.data))
+        keep = _listed(params.data) if world.main else frozenset()  # rank 0 alone compacts the store
+        stats = extract(params, args.prepared, args.out, world, keep=keep)
     if stats is None:
         return
     # results only, short keys: `dvc metrics show` puts every key of every metrics file in one line (at most 160
