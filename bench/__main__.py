@@ -142,7 +142,7 @@ def head_epochs(root: Path, features_dir: Path, epochs: int) -> dict[str, float]
     from torchvision import datasets, transforms
 
     from pipeline import features, heads
-    from pipeline.backbone import cut, preprocessing
+    from pipeline.backbones.vgg import cut, preprocessing
 
     train_set = features.read_features(features_dir / "train.h5")
     x, y = torch.from_numpy(train_set.features["original"]), torch.from_numpy(train_set.labels)

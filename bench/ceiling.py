@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.backbone import build_extractor
+from pipeline.backbones import build_extractor
 from pipeline.config import ExtractConfig
 from pipeline.hardware import resolve_device, resolve_precision
 

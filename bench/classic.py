@@ -18,7 +18,7 @@ import torchvision
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
-from pipeline.backbone import cut, preprocessing
+from pipeline.backbones.vgg import cut, preprocessing
 
 
 def main() -> None:

@@ -121,7 +121,7 @@ def gpu_decode(photos: Path, n: int = 128) -> dict[str, Any]:
     from torchvision.io import decode_jpeg, read_file
     from torchvision.transforms import functional as F
 
-    from pipeline.backbone import preprocessing
+    from pipeline.backbones.vgg import preprocessing
     from pipeline.images import open_image
 
     if not torch.cuda.is_available():

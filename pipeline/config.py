@@ -24,9 +24,7 @@ PARAMS_FILE = Path("params.yaml")
 
 Source = Literal["digits", "imagefolder", "cifar10"]
 Layout = Literal["auto", "classes", "splits"]
-Arch = Literal["vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn"]
-Layer = Literal["pool1", "pool2", "pool3", "pool4", "pool5", "fc6", "fc7"]
-Pool = Literal["avg", "max", "flatten"]
+Pool = Literal["auto", "avg", "max", "flatten", "cls", "mean"]  # maps: avg | max | flatten; ViT tokens: cls | mean
 View = Literal["original", "hflip"]
 StorageDtype = Literal["float16", "float32"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
@@ -61,11 +59,11 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ExtractConfig:
-    arch: Arch = "vgg16"
+    arch: str = "vgg16"  # a torchvision classification model, or timm/<name>; checked by pipeline.backbones
     weights: str = "imagenet"  # imagenet | random | path to a state dict
-    layer: Layer = "pool5"
-    pool: Pool = "avg"
-    image_size: int = _range(64, 32, 1024)
+    layer: str = "auto"  # auto: pool5 for a VGG, penultimate for any other model (pipeline.backbones)
+    pool: Pool = "auto"  # auto: avg for a feature map, the model's own pooling for its pre-logits
+    image_size: int | Literal["auto"] = _range(64, 32, 1024)  # auto: the crop of the model's own preprocessing
     views: tuple[View, ...] = ("original",)
     batch_size: int = _range(64, 1)
     storage_dtype: StorageDtype = "float16"
@@ -101,6 +99,8 @@ class TrainConfig:
 @dataclass(frozen=True)
 class EvaluateConfig:
     top_k: int = _range(5, 1)
+    knn_k: int = _range(20, 0)  # neighbours of the training-free k-NN accuracy (knn_acc); 0 turns it off
+    knn_temperature: float = _range(0.07, 0.0, lo_open=True)  # of the similarity-weighted votes, as in DINOv2
 
 
 @dataclass(frozen=True)
@@ -240,11 +240,6 @@ def _check_combinations(p: Params) -> None:
         raise ConfigError(
             f"extract.views = {list(ex.views)!r} is not valid: expected 'original' first, "
             "then optionally 'hflip', without repeats"
-        )
-    if ex.layer.startswith("fc") and ex.pool != "flatten":
-        raise ConfigError(
-            f"extract.pool = {ex.pool!r} is not valid with extract.layer = {ex.layer!r}: fully connected "
-            "layers output a vector, so only pool: flatten applies"
         )
     for key, device in (("extract.device", ex.device), ("train.device", p.train.device)):
         if not _DEVICE.match(device):

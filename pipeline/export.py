@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline import backbone, heads
+from pipeline import backbones, heads
 from pipeline.config import with_dvc_paths
 from pipeline.errors import run_stage
 from pipeline.files import replaced
@@ -36,7 +36,7 @@ MODEL, META = "model.pt2", "model.json"
 class Deployed(nn.Module):
     """uint8 images (B, 3, S, S) -> class probabilities (B, C): the frozen extractor and the head in one."""
 
-    def __init__(self, extractor: backbone.FeatureExtractor, head: heads.Classifier) -> None:
+    def __init__(self, extractor: backbones.FeatureExtractor, head: heads.Classifier) -> None:
         super().__init__()
         self.extractor, self.head = extractor, head
 
@@ -47,7 +47,7 @@ class Deployed(nn.Module):
 def export(head_path: Path, out_dir: Path) -> dict[str, Any]:
     """Write model.pt2 and model.json for the head at ``head_path``; returns the JSON written."""
     head, spec = heads.load_head(head_path)
-    extractor, prep = backbone.extractor_for(spec["provenance"], precision="fp32")
+    extractor, prep = backbones.extractor_for(spec["provenance"], precision="fp32")
     model = Deployed(extractor, head).eval()
     size = prep.crop_size
     example = torch.zeros(2, 3, size, size, dtype=torch.uint8)

@@ -1,4 +1,4 @@
-"""Stage `extract`: run the frozen VGG once over every split and cache its features in HDF5.
+"""Stage `extract`: run the frozen backbone once over every split and cache its features in HDF5.
 
 With ``extract.nproc: 1`` this is one plain process; with more it starts that many workers on this machine
 (one per GPU) with PyTorch's elastic launcher. Under your own ``torchrun`` (several machines) each process
@@ -26,7 +26,7 @@ import torchvision
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from pipeline import backbone, committed, distributed, features, listing, sources
+from pipeline import backbones, committed, distributed, features, listing, sources
 from pipeline.batches import joined, pieces, shard_bounds, split_batches
 from pipeline.config import DataConfig, ExtractConfig, Params, dvc_path, load_params, to_dict, with_dvc_paths
 from pipeline.distributed import World
@@ -48,16 +48,20 @@ ROWS_VERSION = 1
 WRITE_ROWS = 4096  # rows per block when the stored rows are copied into the HDF5 outputs
 
 
-def provenance(cfg: ExtractConfig, seed: int, precision: str, prep: backbone.Preprocessing) -> dict[str, Any]:
-    """The provenance attributes shared by every split file (weights, split and class names are added)."""
+def provenance(
+    cfg: ExtractConfig, seed: int, precision: str, prep: backbones.Preprocessing, built: dict[str, Any]
+) -> dict[str, Any]:
+    """The provenance attributes shared by every split file (split and class names are added). ``built``: what
+    building the backbone resolved (layer, pool, image size, feature width) and its weights."""
+    resolved = ("layer", "pool", "image_size", "feature_dim")
     return {
         "schema": features.SCHEMA,
         "arch": cfg.arch,
         "seed": seed,
         "precision": precision,
-        "layer": cfg.layer,
-        "pool": cfg.pool,
-        "image_size": cfg.image_size,
+        "layer": built["layer"],
+        "pool": built["pool"],
+        "image_size": built["image_size"],
         "decode": cfg.decode,
         "resize_size": prep.resize_size,
         "interpolation": prep.interpolation,
@@ -65,10 +69,10 @@ def provenance(cfg: ExtractConfig, seed: int, precision: str, prep: backbone.Pre
         "std": list(prep.std),
         "views": list(cfg.views),
         "storage_dtype": cfg.storage_dtype,
-        "feature_dim": backbone.feature_dim(cfg.layer, cfg.pool, cfg.image_size),
+        "feature_dim": built["feature_dim"],
         "torch_version": str(torch.__version__),  # TorchVersion, a str subclass h5py cannot store
         "torchvision_version": str(torchvision.__version__),
-    }
+    } | {k: v for k, v in built.items() if k not in resolved}  # weights, then timm_version for timm models
 
 
 def extract(
@@ -88,7 +92,8 @@ def extract(
     base |= {"class_names": list(classes)}
     rows = {split: [it for it in items if it.split == split] for split in sources.SPLITS}
     store_root = out_dir.parent / STORE_DIR
-    store = _open_store(store_root, base, cfg, device, world)
+    threads = torch.get_num_threads() if backbones.thread_dependent(forward, base["precision"], device) else None
+    store = _open_store(store_root, base, cfg, device, world, threads)
     needs = features.needed_views({split: [it.key for it in items] for split, items in rows.items()}, cfg.views)
     if world.main:  # take what the recorded features hold of the rows this store lacks
         committed.seed(store, needs, out_dir)
@@ -111,7 +116,7 @@ def extract(
     reader = sources.ImageReader(params.data, reduce_for=prep.reduce_for(cfg.decode), keys=listed)
     mine = [b for b in batches if start <= b[0] < stop]
     loader = DataLoader(
-        backbone.Images([first_id[k] for k in keys], reader, prep),
+        backbones.Images([first_id[k] for k in keys], reader, prep),
         batch_sampler=pieces(mine, workers),
         num_workers=workers,
         prefetch_factor=2 * workers if workers else None,  # two whole batches a worker ahead, as without pieces
@@ -126,7 +131,7 @@ def extract(
     if not world.main:
         return None
     merge_start = time.time()
-    store = _open_store(store_root, base, cfg, device, world)  # with every process's rows
+    store = _open_store(store_root, base, cfg, device, world, threads)  # with every process's rows
     with replaced(out_dir) as tmp:
         _write_splits(store, tmp, rows, base, compression=cfg.compression)
     live = keep | needs.keys()
@@ -148,24 +153,27 @@ def extract(
 
 def _network(
     cfg: ExtractConfig, seed: int, world: World
-) -> tuple[Callable[[torch.Tensor], torch.Tensor], torch.device, dict[str, Any], backbone.Preprocessing]:
+) -> tuple[Callable[[torch.Tensor], torch.Tensor], torch.device, dict[str, Any], backbones.Preprocessing]:
     """The frozen network on this process's device, ready to run: (forward, device, provenance, preprocessing)."""
     device = distributed.device(cfg.device, world)
     if device.type == "cpu" and world.local_size > 1:
         torch.set_num_threads(distributed.cpu_threads(world))
     precision = resolve_precision(cfg.precision, device)
-    model, prep, weights_info = backbone.build_extractor(cfg, seed, precision)
+    model, prep, built = backbones.build_extractor(cfg, seed, precision)
     model = model.to(device, memory_format=torch.channels_last)
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True  # one input shape throughout: let cuDNN pick its fastest kernels
     forward = torch.compile(model, dynamic=False) if cfg.compile else model
-    return forward, device, provenance(cfg, seed, precision, prep) | weights_info, prep
+    return forward, device, provenance(cfg, seed, precision, prep, built), prep
 
 
-def _open_store(root: Path, base: dict[str, Any], cfg: ExtractConfig, device: torch.device, world: World) -> RowStore:
+def _open_store(
+    root: Path, base: dict[str, Any], cfg: ExtractConfig, device: torch.device, world: World, threads: int | None
+) -> RowStore:
     """This setting's row store. What a row's bytes depend on picks it; not the class names (renaming a class
-    folder reuses its rows), nor the views (each view has its own rows), nor the seed with trained weights."""
+    folder reuses its rows), nor the views (each view has its own rows), nor the seed with trained weights.
+    ``threads``: the CPU threads, where rows depend on them (backbones.thread_dependent)."""
     if world.main and (root.parent / OLD_PROGRESS_DIR).is_dir():
         shutil.rmtree(root.parent / OLD_PROGRESS_DIR, ignore_errors=True)
     ignored = ("class_names", "views") + (() if cfg.weights == "random" else ("seed",))
@@ -180,6 +188,7 @@ def _open_store(root: Path, base: dict[str, Any], cfg: ExtractConfig, device: to
         "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
     }
     settings |= {"macos": platform.mac_ver()[0]} if device.type == "mps" else {}  # Metal's kernels come with macOS
+    settings |= {"threads": threads} if threads else {}
     return RowStore(root / settings_key(settings), segment=world.rank, dim=base["feature_dim"], dtype=cfg.storage_dtype)
 
 
@@ -194,7 +203,8 @@ def _listed(cfg: DataConfig) -> frozenset[bytes]:
 
 
 def _describe(cfg: ExtractConfig, base: dict[str, Any]) -> str:
-    return f"{cfg.arch} {cfg.layer}, {cfg.weights} weights, {base['precision']}, {base['feature_dim']}-d features"
+    layer = f"{base['layer']} ({base['pool']})"
+    return f"{cfg.arch} {layer}, {cfg.weights} weights, {base['precision']}, {base['feature_dim']}-d features"
 
 
 def _extract_shard(

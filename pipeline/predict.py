@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from pipeline import backbone, heads, sources
+from pipeline import backbones, heads, sources
 from pipeline.config import load_params, with_dvc_paths
 from pipeline.errors import PipelineError, run_stage
 from pipeline.hardware import decode_workers, resolve_device
@@ -38,9 +38,9 @@ class Prediction:
 @torch.inference_mode()
 def predict(
     paths: Sequence[Path],
-    extractor: backbone.FeatureExtractor,
+    extractor: backbones.FeatureExtractor,
     head: heads.Classifier,
-    prep: backbone.Preprocessing,
+    prep: backbones.Preprocessing,
     *,
     class_names: Sequence[str],
     top_k: int,
@@ -54,7 +54,7 @@ def predict(
     extractor = extractor.to(device, memory_format=torch.channels_last)
     head = head.to(device).eval()
     loader = DataLoader(
-        backbone.Images(list(paths), functools.partial(open_image, reduce_for=prep.reduce_for(decode)), prep),
+        backbones.Images(list(paths), functools.partial(open_image, reduce_for=prep.reduce_for(decode)), prep),
         batch_size=batch_size,
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
@@ -112,7 +112,7 @@ def main() -> None:
     if not paths:
         raise PipelineError(f"no image files in {', '.join(map(str, args.paths))}")
     head, spec = heads.load_head(args.head)
-    extractor, prep = backbone.extractor_for(spec["provenance"])
+    extractor, prep = backbones.extractor_for(spec["provenance"])
     class_names = spec["provenance"]["class_names"]
     top_k = min(args.top_k or params.evaluate.top_k, len(class_names))
     device = resolve_device(params.extract.device)

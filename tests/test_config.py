@@ -74,11 +74,8 @@ def test_params_are_frozen():
         (with_change("train", "lr", True), ["train.lr", "True", "a number"]),
         (with_change("train", "standardize", "yes"), ["train.standardize", "'yes'", "true or false"]),
         (with_change("train", "head", "svm"), ["train.head", "'svm'", "linear | mlp | logreg"]),
-        (with_change("extract", "arch", "resnet50"), ["extract.arch", "'resnet50'", "vgg11 | vgg11_bn"]),
-        (with_change("extract", "layer", "conv3"), ["extract.layer", "pool1 | pool2"]),
         (with_change("extract", "views", ["hflip"]), ["extract.views", "'original' first"]),
         (with_change("extract", "views", "original"), ["extract.views", "a list of original | hflip"]),
-        (with_change("extract", "layer", "fc7"), ["extract.pool", "'avg'", "fc7", "pool: flatten"]),
         (with_change("extract", "device", "gpu"), ["extract.device", "'gpu'", "auto | cpu | cuda | cuda:N | mps"]),
         (with_change("train", "device", "mps:0"), ["train.device", "'mps:0'", "auto | cpu | cuda | cuda:N | mps"]),
         (with_change("data", "test_fraction", 0.95), ["data.test_fraction", "0.95", "(0.0, 0.9]"]),
@@ -88,6 +85,9 @@ def test_params_are_frozen():
         (with_change("extract", "num_workers", "many"), ["extract.num_workers", "an integer in [0, 64] or auto"]),
         (with_change("extract", "num_workers", 65), ["extract.num_workers", "65", "[0, 64] or auto"]),
         (with_change("extract", "decode", "turbo"), ["extract.decode", "'turbo'", "fast | exact"]),
+        (with_change("extract", "image_size", "big"), ["extract.image_size", "[32, 1024] or auto"]),
+        (with_change("extract", "pool", "sum"), ["extract.pool", "auto | avg | max | flatten | cls | mean"]),
+        (with_change("evaluate", "knn_temperature", 0), ["evaluate.knn_temperature", "a number > 0"]),
     ],
 )
 def test_bad_parameters_name_key_value_and_what_is_allowed(raw, expected):

@@ -10,7 +10,7 @@ from PIL import Image
 
 from bench.images import make_photos
 from pipeline import images
-from pipeline.backbone import preprocessing
+from pipeline.backbones.vgg import preprocessing
 
 
 def photo(width: int, height: int, seed: int = 0) -> Image.Image:

@@ -1,0 +1,106 @@
+"""Frozen backbones behind one interface: a family module builds a model cut at a layer, with its weights and
+the preprocessing of its own metadata. Adding a family is one module with ``claims``, ``names``, ``layers``
+and ``build`` (see :class:`pipeline.backbones.base.Cut`), listed in FAMILIES.
+
+- ``vgg``: torchvision's VGGs by a table of layers (pool1 … pool5, fc6, fc7), as this project began;
+- ``zoo``: every other classification model of torchvision's registry, cut by ``create_feature_extractor``;
+- ``timm_models``: ``timm/<name>``, cut by ``forward_features`` and ``forward_head(pre_logits=True)``.
+"""
+
+from __future__ import annotations
+
+import difflib
+from types import ModuleType
+from typing import Any
+
+import torch
+
+from pipeline.backbones import timm_models, vgg, zoo
+from pipeline.backbones.base import Cut, FeatureExtractor, Images, Preprocessing
+from pipeline.config import ExtractConfig
+from pipeline.errors import PipelineError
+
+__all__ = [
+    "FAMILIES",
+    "FeatureExtractor",
+    "Images",
+    "Preprocessing",
+    "build_extractor",
+    "extractor_for",
+    "family",
+    "thread_dependent",
+]
+
+FAMILIES: tuple[ModuleType, ...] = (vgg, zoo, timm_models)  # the first that claims an arch builds it
+
+
+def family(arch: str) -> ModuleType:
+    """The family that builds ``arch``; an unknown name is refused with the closest valid names."""
+    for fam in FAMILIES:
+        if fam.claims(arch):
+            return fam
+    known = [name for fam in FAMILIES for name in fam.names()]
+    close = difflib.get_close_matches(arch, known, n=5, cutoff=0.5)
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    raise PipelineError(
+        f"extract.arch = {arch!r} is not a known model: {hint}Expected a torchvision classification model "
+        "(vgg16, resnet50, convnext_tiny, vit_b_16 …: torchvision.models.list_models()) or timm/<name>"
+    )
+
+
+def build_extractor(
+    cfg: ExtractConfig, seed: int, precision: str = "fp32"
+) -> tuple[FeatureExtractor, Preprocessing, dict[str, Any]]:
+    """The frozen extractor in eval mode with gradients off, its preprocessing, and what the provenance records
+    of it: the layer and pool resolved, the feature width, the weights, and the libraries that made it."""
+    fam = family(cfg.arch)
+    cut: Cut = fam.build(cfg, seed)
+    extractor = FeatureExtractor(cut.body, cut.pool, cut.prep, precision, cut.prefix_tokens)
+    extractor = extractor.eval().requires_grad_(False)
+    assert not any(m.training for m in extractor.modules())  # BatchNorm and dropout in eval mode, always
+    dim = _width(extractor, cfg.arch, cut.prep)
+    info = {"layer": cut.layer, "pool": cut.pool, "image_size": cut.prep.crop_size, "feature_dim": dim}
+    return extractor, cut.prep, info | cut.weights | cut.versions
+
+
+def thread_dependent(extractor: FeatureExtractor, precision: str, device: torch.device) -> bool:
+    """Whether rows depend on the number of CPU threads: torch's MultiheadAttention under bf16 or fp16 autocast
+    gives other last bits on another thread count (measured on torch 2.14), so those rows are kept apart."""
+    attention = any(isinstance(m, torch.nn.MultiheadAttention) for m in extractor.modules())
+    return attention and precision != "fp32" and device.type == "cpu"
+
+
+def _width(extractor: FeatureExtractor, arch: str, prep: Preprocessing) -> int:
+    """D of the (N, D) features, from one image through the network; a size the model refuses is one line."""
+    probe = FeatureExtractor(extractor.body, "flatten", prep)  # fp32: the width does not depend on the precision
+    probe.pool = extractor.pool
+    try:
+        with torch.inference_mode():
+            out = probe(torch.zeros(1, 3, prep.crop_size, prep.crop_size, dtype=torch.uint8))
+    except (AssertionError, RuntimeError, ValueError) as err:
+        raise PipelineError(
+            f"{arch} does not take {prep.crop_size}-pixel images ({type(err).__name__}: {err}): set "
+            "extract.image_size: auto, its own size"
+        ) from None
+    return int(out.shape[1])
+
+
+def extractor_for(provenance: dict[str, Any], precision: str | None = None) -> tuple[FeatureExtractor, Preprocessing]:
+    """The extractor that made features with this provenance (for a head trained on them), on the CPU.
+
+    Refuses weights that no longer match what the features were made with (a changed local weights file).
+    """
+    cfg = ExtractConfig(
+        arch=provenance["arch"],
+        weights=provenance["weights"],
+        layer=provenance["layer"],
+        pool=provenance["pool"],
+        image_size=provenance["image_size"],
+    )
+    extractor, prep, info = build_extractor(cfg, provenance["seed"], precision or provenance["precision"])
+    if info["weights_source"] != provenance["weights_source"]:
+        raise PipelineError(
+            f"the head was trained on features from {provenance['weights_source']}, but extract.weights = "
+            f"{provenance['weights']!r} now gives {info['weights_source']}; re-run the pipeline (dvc repro)"
+        )
+    return extractor, prep
