@@ -1,5 +1,5 @@
 """Stage `evaluate`: test-split metrics (scikit-learn) and plots: confusion matrix, ROC and precision-recall curves,
-and a contact sheet of the worst-classified test images."""
+and a contact sheet of the worst-classified test images; and the training-free k-NN accuracy of the features."""
 
 from __future__ import annotations
 
@@ -17,12 +17,13 @@ from PIL import Image, ImageDraw
 from sklearn import metrics as skm
 from tqdm import tqdm
 
-from pipeline import features, heads, sources
-from pipeline.config import DataConfig, load_params, to_dict, with_dvc_paths
+from pipeline import features, heads, knn, sources
+from pipeline.config import DataConfig, EvaluateConfig, load_params, to_dict, with_dvc_paths
 from pipeline.errors import PipelineError, run_stage
 from pipeline.files import replaced
+from pipeline.hardware import resolve_device
 from pipeline.images import IMAGE_ERRORS
-from pipeline.scores import Scores, compute_metrics, score
+from pipeline.scores import Scores, balanced_accuracy, compute_metrics, score
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ PER_CLASS_TABLE = "per_class.csv"  # every class, whatever their number
 PLOTTED_CLASSES = 100  # more classes than this: the plots show the worst this many, the log the worst LOGGED
 LOGGED_CLASSES = 30
 BLOCK_VALUES = 2**24  # probabilities are made and used a block of rows at a time: 64 MB of float32 at most
+KNN_BLOCK_MB = 16  # the training split's rows stream past the k-NN in blocks of about this much float32
 
 
 def per_class(pred: np.ndarray, labels: np.ndarray, class_names: Sequence[str]) -> list[dict[str, Any]]:
@@ -81,6 +83,23 @@ def format_per_class(rows: Sequence[dict[str, Any]]) -> str:
 def worst_classified(true_prob: np.ndarray, *, count: int) -> list[int]:
     """Test rows by descending loss (lowest probability on the true class), misclassified or not."""
     return np.argsort(true_prob, kind="stable")[:count].tolist()
+
+
+def knn_metrics(
+    cfg: EvaluateConfig, train_path: Path, test: features.FeatureSet, *, expected: dict[str, Any], device: torch.device
+) -> dict[str, float]:
+    """``knn_acc``, the test split's k-NN accuracy on the training split's original view (never its flipped
+    copies), read a block at a time; none when evaluate.knn_k is 0. ``expected``: the features' identity."""
+    if cfg.knn_k == 0:
+        return {}
+    reader = features.BlockReader(train_path, block_mb=KNN_BLOCK_MB, views=["original"])
+    features.check_provenance(reader.provenance, expected, source=train_path)
+    steps = tqdm(range(reader.num_blocks), desc="k-NN on the train split", unit="block", disable=reader.num_blocks < 8)
+    pred = knn.knn_predict(
+        (reader.read(b) for b in steps), test.features["original"], k=cfg.knn_k, temperature=cfg.knn_temperature,
+        device=device,
+    )  # fmt: skip
+    return {"knn_acc": float(np.mean(pred == test.labels))}
 
 
 def test_images(cfg: DataConfig, ids: Sequence[str]) -> list[Image.Image | None]:
@@ -143,12 +162,20 @@ def main() -> None:
     scores = score(test_probs, test.labels, top_k=params.evaluate.top_k, seed=params.seed)
     val_accuracy = skm.accuracy_score(val.labels, val_pred)
     results = compute_metrics(scores, test.labels, val_accuracy=val_accuracy, seed=params.seed)
+    identity = features.identity(spec["provenance"])
+    device = resolve_device(params.train.device)
+    results |= knn_metrics(params.evaluate, args.features / "train.h5", test, expected=identity, device=device)
     classes = per_class(scores.pred, test.labels, class_names)
     log.info(
         "test accuracy %.4f (95%% interval %.4f to %.4f over %d images), macro F1 %.4f, balanced accuracy %.4f",
         results["accuracy"], results["acc_lo"], results["acc_hi"], len(test.labels), results["macro_f1"],
-        results["bal_acc"],
+        balanced_accuracy(scores.pred, test.labels),
     )  # fmt: skip
+    if "knn_acc" in results:
+        log.info(
+            "k-NN accuracy %.4f (k = %d, T = %g, cosine similarity to the train split's rows, on %s)",
+            results["knn_acc"], params.evaluate.knn_k, params.evaluate.knn_temperature, device,
+        )  # fmt: skip
     log.info("per class (test split), worst F1 first:\n%s", format_per_class(classes))
     if scores.one_in > 1:
         log.info(

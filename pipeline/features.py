@@ -231,13 +231,17 @@ class BlockReader:
     contiguous chunk reads, never a per-row gather.
     """
 
-    def __init__(self, path: Path, *, block_mb: int = 64) -> None:
+    def __init__(self, path: Path, *, block_mb: int = 64, views: Sequence[str] | None = None) -> None:
+        """``views``: the cached views to read, in that order (default: every one the split caches)."""
         self.path = Path(path)
         with _open(path) as f:
             self.provenance = _provenance(f)
             self.n, self.dim = f["features"].shape
             chunk = f["features"].chunks[0] if f["features"].chunks else max(self.n, 1)
-        self.views = split_views(self.provenance["views"], self.provenance["split"])
+        cached = split_views(self.provenance["views"], self.provenance["split"])
+        self.views = cached if views is None else list(views)
+        if not set(self.views) <= set(cached):
+            raise PipelineError(f"{path} caches the views {cached}, not {self.views}: re-run extract with them")
         rows = block_mb * 2**20 // (self.dim * 4 * len(self.views))
         self.block_rows = max(1, rows // chunk) * chunk
         self.num_blocks = -(-self.n // self.block_rows)

@@ -12,7 +12,7 @@ from sklearn import metrics as skm
 
 from pipeline import evaluate, features, heads
 from pipeline.config import parse_params
-from pipeline.scores import compute_metrics, score
+from pipeline.scores import balanced_accuracy, compute_metrics, score
 from tests.conftest import metrics_of, random_problem, run_stage, write_blob_features, write_params
 
 
@@ -23,7 +23,7 @@ def test_metrics_are_scikit_learn_values_on_a_worked_example():
     assert m["accuracy"] == 0.75
     assert m["top2"] == 1.0  # sample 1 has its label second
     assert m["macro_f1"] == pytest.approx((1 + 2 / 3 + 2 / 3) / 3)
-    assert m["bal_acc"] == pytest.approx((1 + 0.5 + 1) / 3)  # mean recall per class
+    assert balanced_accuracy(probs.argmax(1), labels) == pytest.approx((1 + 0.5 + 1) / 3)  # the log's: mean recall
     assert m["val_acc"] == 0.5
     rows = {r["class"]: r for r in evaluate.per_class(probs.argmax(1), labels, ["a", "b", "c"])}
     assert rows["b"] == {"class": "b", "precision": 1.0, "recall": 0.5, "f1": pytest.approx(2 / 3), "support": 2}
@@ -137,6 +137,7 @@ def test_evaluate_stage_writes_metrics_per_class_results_and_a_named_confusion_m
     result = run_stage(project, "evaluate")
     metrics = json.loads((project / "reports" / "evaluate" / "metrics.json").read_text())
     assert metrics["accuracy"] > 0.9 and len(metrics) == 6  # 3 classes: no top-5
+    assert metrics["knn_acc"] > 0.9 and "k-NN accuracy" in result.stderr
     rows = json.loads((project / "reports" / "evaluate" / "per_class.json").read_text())
     assert [r["class"] for r in rows] == ["a", "b", "c"] and sum(r["support"] for r in rows) == 90
     table = (project / "reports" / "evaluate" / "per_class.csv").read_text().splitlines()

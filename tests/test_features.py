@@ -147,6 +147,18 @@ def test_block_reader_reads_whole_chunks_and_every_row_once(tmp_path: Path):
     assert start == 1000
 
 
+def test_block_reader_reads_the_views_asked_for_and_refuses_others(tmp_path: Path):
+    write(tmp_path / "train.h5", n=1000, dim=2048)
+    reader = features.BlockReader(tmp_path / "train.h5", block_mb=4, views=["original"])
+    whole = features.read_features(tmp_path / "train.h5")
+    assert reader.block_rows == 2 * features.BlockReader(tmp_path / "train.h5", block_mb=4).block_rows  # 1 view
+    x, y = reader.read_rows(0, 1000)
+    np.testing.assert_array_equal(x, whole.features["original"])
+    np.testing.assert_array_equal(y, whole.labels)
+    with pytest.raises(PipelineError, match=r"caches the views \['original', 'hflip'\], not \['vflip'\]"):
+        features.BlockReader(tmp_path / "train.h5", views=["vflip"])
+
+
 def test_a_truncated_feature_file_is_a_clear_error(tmp_path: Path):
     path = tmp_path / "train.h5"
     write(path)
