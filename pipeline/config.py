@@ -74,7 +74,7 @@ class ExtractConfig:
     compile: bool = False  # torch.compile the network for a fixed batch shape
     compression: Compression = "none"  # HDF5 filter of the feature datasets
     nproc: int = _range(1, 1, 1024)  # processes on this machine (one per GPU); the features do not depend on it
-    keep_stores: int = _range(2, 0)  # row stores kept (pipeline.store): this setting's and the last used others
+    keep_stores: int = _range(5, 0)  # row stores kept (pipeline.store): this setting's and the last used others
 
 
 @dataclass(frozen=True)

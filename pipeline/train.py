@@ -27,8 +27,8 @@ _OPTIMIZERS = {
 
 
 def expected_provenance(params: Params) -> dict[str, Any]:
-    """What the features must have been made with, from the extract parameters this stage was given. The
-    precision only when it is named: ``auto`` resolves on the machine that extracted."""
+    """What the features must have been made with, from the extract parameters this stage was given. A setting
+    only when it is named: ``auto`` (precision, layer, pool, image size) resolved where the features were made."""
     ex = params.extract
     expected = {
         "arch": ex.arch,
@@ -40,7 +40,8 @@ def expected_provenance(params: Params) -> dict[str, Any]:
         "views": list(ex.views),
         "storage_dtype": ex.storage_dtype,
     }
-    return expected | ({"precision": ex.precision} if ex.precision != "auto" else {})
+    expected |= {"precision": ex.precision}
+    return {key: value for key, value in expected.items() if value != "auto"}
 
 
 @dataclass(frozen=True)

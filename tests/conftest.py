@@ -32,7 +32,7 @@ FAST_PARAMS = {
 
 @pytest.fixture(autouse=True, scope="session")
 def _isolated_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """No analytics, no real torch hub cache, and no way out of loopback for any download attempt."""
+    """No analytics, no real torch hub or Hugging Face cache, and no way out of loopback for any download attempt."""
     with pytest.MonkeyPatch.context() as monkeypatch:
         _isolate(monkeypatch, tmp_path_factory)
         yield
@@ -41,6 +41,7 @@ def _isolated_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
 def _isolate(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
     monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
     monkeypatch.setenv("TORCH_HOME", str(tmp_path_factory.mktemp("torch_home")))
+    monkeypatch.setenv("HF_HOME", str(tmp_path_factory.mktemp("hf_home")))  # timm's pretrained weights
     for var in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
         monkeypatch.setenv(var, "http://127.0.0.1:9")  # the discard port: refused at once
     monkeypatch.delenv("NO_PROXY", raising=False)

@@ -17,7 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import distributed
+from pipeline import distributed, sources
+from pipeline import extract as extract_stage
+from pipeline.config import load_params
 from pipeline.distributed import World
 from pipeline.errors import PipelineError
 from pipeline.hardware import usable_cores
@@ -169,3 +171,41 @@ def test_machines_that_do_not_share_the_project_directory_are_refused(small: Pat
     assert all(r.returncode != 0 for r in results)
     assert all("need the project directory on a filesystem they all share" in r.stderr for r in results)
     assert not (small / FEATURES).exists() and not (other / FEATURES).exists()
+
+
+@pytest.mark.parametrize(("arch", "size"), [("resnet18", 32), ("timm/test_vit", "auto")])
+def test_a_cnn_and_a_vit_give_the_same_bytes_grown_over_two_processes_and_after_a_kill(
+    project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, arch: str, size: int | str
+):
+    """Beside VGG's (above, and tests/test_dvc.py): a CNN with batch norm and a ViT. From scratch in one
+    process; then from rows of part of the folder, on two processes of which one is killed, and once more: the
+    same bytes. The one-process runs run here, in this process."""
+    monkeypatch.chdir(project)
+    make_imagefolder(project / "data" / "raw", classes=("cat", "dog"), per_class=32)
+    extract = {"arch": arch, "image_size": size, "batch_size": 2, "precision": "fp32"}
+    write_params(project, {"data": {"source": "imagefolder"}, "extract": extract})
+    params = load_params()
+
+    def prepared(out: Path = FEATURES) -> tuple[Path, Path]:
+        sources.write_manifest(Path("data/prepared"), *sources.discover(params.data, params.seed))
+        return Path("data/prepared"), out
+
+    extract_stage.extract(params, *prepared(Path("scratch/features")))
+    single = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in Path("scratch/features").glob("*.h5")}
+    held = tmp_path / "held"  # a third of the folder, added after a first run
+    shutil.copytree("data/raw", held)
+    for path in sorted(Path("data/raw").rglob("*.png"))[::3]:
+        path.unlink()
+    extract_stage.extract(params, *prepared())
+    shutil.rmtree("data/raw")
+    shutil.copytree(held, "data/raw")
+    prepared()
+    cmd = stage(project, 2)
+    proc = subprocess.Popen(cmd, cwd=project, env=project_env(project), stderr=subprocess.PIPE, text=True)
+    os.kill(wait_for_rank_progress(project, proc, rank=1), signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGKILL
+    result = run(project, *cmd, "--stats", "stats.json")
+    assert digests(project) == single, result.stderr
+    stats = json.loads((project / "stats.json").read_text())
+    assert stats["reused"] > 64 - 64 // 3 and stats["images"] < 64 // 3  # the first run's rows and the kept ones

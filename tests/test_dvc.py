@@ -307,19 +307,28 @@ def pipeline_imports(module: str, seen: set[str] | None = None) -> set[str]:
     seen = set() if seen is None else seen
     if module not in seen:
         seen.add(module)
-        for node in ast.walk(ast.parse((ROOT / "pipeline" / f"{module}.py").read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module == "pipeline":
+        path = ROOT / "pipeline" / f"{module.replace('.', '/')}.py"
+        path = path if path.is_file() else path.with_suffix("") / "__init__.py"  # a package: its __init__
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module in ("pipeline", "pipeline.backbones"):
                 for alias in node.names:
-                    pipeline_imports(alias.name, seen)
+                    pipeline_imports(
+                        f"{node.module.removeprefix('pipeline').lstrip('.')}.{alias.name}".lstrip("."), seen
+                    )
             elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pipeline."):
-                pipeline_imports(node.module.split(".")[1], seen)
+                pipeline_imports(node.module.removeprefix("pipeline."), seen)
     return seen
+
+
+def dep_module(dep: str) -> str:
+    """pipeline/backbones/vgg.py -> backbones.vgg; pipeline/backbones/__init__.py -> backbones."""
+    return dep.removeprefix("pipeline/").removesuffix(".py").removesuffix("/__init__").replace("/", ".")
 
 
 @pytest.mark.parametrize("stage", STAGES)
 def test_each_stage_lists_exactly_the_modules_it_imports(stage: str):
     deps = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][stage]["deps"]
-    assert {Path(d).stem for d in deps if d.startswith("pipeline/")} == pipeline_imports(stage)
+    assert {dep_module(d) for d in deps if d.startswith("pipeline/")} == pipeline_imports(stage)
 
 
 def test_each_stage_run_alone_with_no_arguments_writes_what_dvc_repro_would(imagefolder_project: Path):
