@@ -104,14 +104,15 @@ def with_rate(stats: dict[str, float]) -> dict[str, float]:
 
 def pipeline_extract(root: Path, work: Path, tag: str, extract: dict[str, Any]) -> dict[str, float]:
     """scan, prepare and extract as the stages run them; throughput from the extraction loop, memory of that
-    process. Every call extracts every image: its row store is removed first."""
+    process. Every call extracts every image: its row store and its features are removed first."""
     run_dir = work / f"pipeline-{tag}"
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "params.yaml").write_text(yaml.safe_dump(params_for(root, extract)))
     measured([sys.executable, "-m", "pipeline.scan", "--out", "images.csv"], run_dir)
     prepare = ["--images", "images.csv", "--out", "prepared", "--metrics", "prepare.json"]
     measured([sys.executable, "-m", "pipeline.prepare", *prepare], run_dir)
-    shutil.rmtree(run_dir / ".feature-store", ignore_errors=True)
+    for previous in (".feature-store", "features"):  # the recorded features seed an empty store: remove both
+        shutil.rmtree(run_dir / previous, ignore_errors=True)
     cmd = [sys.executable, "-m", "pipeline.extract", "--prepared", "prepared", "--out", "features"]
     cmd += ["--metrics", "m.json", "--stats", "s.json"]
     wall, peak = measured(cmd, run_dir)
