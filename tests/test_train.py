@@ -90,7 +90,11 @@ def test_a_streamed_split_trains_as_well(tmp_path: Path):
 def test_provenance_expected_from_params():
     params = parse_params(FAST_PARAMS)
     assert expected_provenance(params) == {
-        "arch": "vgg11", "weights": "random", "image_size": 32, "decode": "fast", "views": ["original"],
+        "arch": "vgg11",
+        "weights": "random",
+        "image_size": 32,
+        "decode": "fast",
+        "views": ["original"],
         "storage_dtype": "float16",
     }  # fmt: skip: layer and pool are auto, resolved by the backbone where the features were made
     named = parse_params(FAST_PARAMS | {"extract": FAST_PARAMS["extract"] | {"layer": "pool4", "pool": "max"}})
