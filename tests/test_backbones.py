@@ -1,9 +1,14 @@
-"""The interface every family shares: names, layers and pools refused in one line, fidelity to each library's own
-model and preprocessing, and rows that do not depend on their batch."""
+"""The interface every family shares: every family through real `dvc repro`, predict and export (first: the
+slowest tests here); names, layers and pools refused in one line; fidelity to each library's own model and
+preprocessing; and rows that do not depend on their batch."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,11 +20,71 @@ import torchvision
 from PIL import Image
 from torch import nn
 
-from pipeline import backbones
+from pipeline import backbones, features
+from pipeline.backbones.base import Preprocessing
 from pipeline.config import ExtractConfig
 from pipeline.errors import PipelineError
 from pipeline.images import open_image
-from tests.conftest import color_image
+from tests.conftest import color_image, run, write_params
+
+# (arch, image_size): CNNs of two more families, torchvision's ViT and a timm ViT (random weights, on the CPU); the
+# project's own vgg11 is the first run
+SWEEPS = {"cnn": [("resnet50", 32), ("efficientnet_b0", 32)], "vit": [("vit_b_16", "auto"), ("timm/test_vit", "auto")]}
+BARE = """
+import json, sys, torch
+program = torch.export.load(sys.argv[1] + "/model.pt2").module()
+print(json.dumps(program(torch.load(sys.argv[2])).tolist()))
+"""
+
+
+def repro(project: Path, arch: str, size: int | str) -> list[str]:
+    write_params(project, {"extract": {"arch": arch, "image_size": size}})
+    return re.findall(r"Running stage '(\w+)'", run(project, "dvc", "repro").stdout)
+
+
+def predict_and_export(project: Path, out: Path, *, bare: bool) -> None:
+    """Predict on the owl images and export, as `python -m pipeline.predict` and `pipeline.export` do (in this
+    process: the stage commands are tested in tests/test_predict.py). With ``bare``, the exported program, loaded
+    with torch alone in an isolated interpreter, on crops made as model.json says, gives predict's probabilities."""
+    from pipeline import backbones, export, heads, predict
+
+    head, spec = heads.load_head(project / "models" / "head.pt")
+    extractor, prep = backbones.extractor_for(spec["provenance"])
+    paths = sorted((project / "data" / "raw" / "owl").glob("*.png"))
+    found = predict.predict(paths, extractor, head, prep, class_names=spec["provenance"]["class_names"], top_k=3,
+                            device=torch.device("cpu"), num_workers=0, decode=spec["provenance"]["decode"])  # fmt: skip
+    assert len(found) == 10 and not any(p.error for p in found)
+    meta = export.export(project / "models" / "head.pt", out)
+    if not bare:
+        return
+    made = meta["preprocessing"]
+    prep = Preprocessing(**{k: made[k] for k in ("resize_size", "crop_size", "interpolation")},
+                         mean=tuple(made["mean"]), std=tuple(made["std"]))  # fmt: skip
+    torch.save(torch.stack([prep.to_uint8(open_image(p)) for p in paths]), out / "crops.pt")
+    ran = subprocess.run(
+        [sys.executable, "-I", "-c", BARE, str(out), str(out / "crops.pt")], capture_output=True, text=True, check=True
+    )
+    got = torch.tensor(json.loads(ran.stdout)).sort(dim=1, descending=True).values
+    want = torch.tensor([[prob for _, prob in p.top] for p in found])
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", list(SWEEPS))
+def test_a_sweep_over_backbones_runs_every_family_through_and_back(reproduced: Path, family: str):
+    for i, (arch, size) in enumerate(SWEEPS[family]):
+        assert repro(reproduced, arch, size) == ["scan", "extract", "train", "evaluate"], arch
+        prov = features.read_provenance(reproduced / "data" / "features" / "train.h5")
+        assert (prov["arch"], prov["layer"], prov["pool"]) == (arch, "penultimate", "flatten")
+        metrics = json.loads((reproduced / "reports" / "evaluate" / "metrics.json").read_text())
+        assert 0 <= metrics["knn_acc"] <= 1 and 0 <= metrics["accuracy"] <= 1, (arch, metrics)
+        predict_and_export(reproduced, reproduced / "models" / f"export-{i}", bare=i == 0)
+    assert '"knn_acc"' in run(reproduced, "dvc", "exp", "show", "--json").stdout
+    if family == "cnn":  # back to the project's VGG: its features come back from DVC's run cache, its rows are kept
+        assert repro(reproduced, "vgg11", 32) == ["scan", "train", "evaluate"]
+        run(reproduced, "python", "-m", "pipeline.extract")
+        extracted = json.loads((reproduced / "reports" / "extract" / "metrics.json").read_text())
+        assert (extracted["extracted"], extracted["reused"]) == (0, 30)
+
 
 RANDOM = ExtractConfig(weights="random")
 

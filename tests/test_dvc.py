@@ -69,11 +69,6 @@ def test_train_code_edit_does_not_rerun_extract(imagefolder_project: Path):
     assert repro(imagefolder_project) == ["scan", "train"]
 
 
-def test_image_size_edit_reruns_extract_and_what_follows(imagefolder_project: Path):
-    write_params(imagefolder_project, {"extract": {"image_size": 48}})
-    assert repro(imagefolder_project) == ["scan", "extract", "train", "evaluate"]
-
-
 def manifest(project: Path) -> dict[str, str]:
     """Image id -> split."""
     items, _ = sources.read_manifest(project / "data" / "prepared")

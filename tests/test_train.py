@@ -107,7 +107,7 @@ def test_provenance_expected_from_params():
 @pytest.mark.parametrize(
     ("changes", "params", "message"),
     [
-        ({"layer": "pool4"}, {}, "made with layer = 'pool4', but 'pool5' is asked for"),
+        ({"layer": "pool4"}, {"layer": "pool5"}, "made with layer = 'pool4', but 'pool5' is asked for"),
         ({"weights": "imagenet"}, {}, "made with weights = 'imagenet', but 'random' is asked for"),
         # regressions: the README said train checks these, and it did not
         ({"decode": "exact"}, {}, "made with decode = 'exact', but 'fast' is asked for"),
