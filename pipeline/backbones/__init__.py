@@ -72,11 +72,9 @@ def thread_dependent(extractor: FeatureExtractor, precision: str, device: torch.
 
 def _width(extractor: FeatureExtractor, arch: str, prep: Preprocessing) -> int:
     """D of the (N, D) features, from one image through the network; a size the model refuses is one line."""
-    probe = FeatureExtractor(extractor.body, "flatten", prep)  # fp32: the width does not depend on the precision
-    probe.pool = extractor.pool
     try:
         with torch.inference_mode():
-            out = probe(torch.zeros(1, 3, prep.crop_size, prep.crop_size, dtype=torch.uint8))
+            out = extractor(torch.zeros(1, 3, prep.crop_size, prep.crop_size, dtype=torch.uint8))
     except (AssertionError, RuntimeError, ValueError) as err:
         raise PipelineError(
             f"{arch} does not take {prep.crop_size}-pixel images ({type(err).__name__}: {err}): set "

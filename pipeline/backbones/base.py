@@ -52,10 +52,19 @@ class Preprocessing:
         return F.pil_to_tensor(F.center_crop(image, [self.crop_size]))
 
 
-def scaled(preset: Preprocessing, image_size: int) -> Preprocessing:
-    """The preset at crop side ``image_size``, keeping its resize/crop ratio (256/224 for torchvision's VGG)."""
+def scaled(preset: Preprocessing, image_size: int | str) -> Preprocessing:
+    """The preset at crop side ``image_size`` (auto: its own), keeping its resize/crop ratio (256/224 for
+    torchvision's VGG)."""
+    size = preset.crop_size if image_size == "auto" else int(image_size)
     ratio = preset.resize_size / preset.crop_size
-    return Preprocessing(round(image_size * ratio), image_size, preset.interpolation, preset.mean, preset.std)
+    return Preprocessing(round(size * ratio), size, preset.interpolation, preset.mean, preset.std)
+
+
+def from_transforms(preset: Any) -> Preprocessing:
+    """torchvision's ``weights.transforms()`` (an ImageClassification preset) as a Preprocessing."""
+    return Preprocessing(
+        preset.resize_size[0], preset.crop_size[0], preset.interpolation.value, tuple(preset.mean), tuple(preset.std)
+    )
 
 
 class Images(Dataset):

@@ -111,7 +111,7 @@ def preprocessing(model: nn.Module, image_size: int | str) -> Preprocessing:
     crop = config["input_size"][-1]
     resize = math.floor(crop / config["crop_pct"])  # as timm.data.transforms_factory's eval transform
     own = Preprocessing(resize, crop, config["interpolation"], tuple(config["mean"]), tuple(config["std"]))
-    return scaled(own, crop if image_size == "auto" else int(image_size))
+    return scaled(own, image_size)
 
 
 def _weighted(timm: Any, name: str, weights: str, seed: int) -> tuple[nn.Module, dict[str, str]]:

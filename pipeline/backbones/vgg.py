@@ -15,6 +15,7 @@ from pipeline.backbones.base import (
     Cut,
     Preprocessing,
     choose_layer,
+    from_transforms,
     hub_checkpoint,
     resolve_pool,
     scaled,
@@ -43,11 +44,7 @@ def layers(arch: str) -> tuple[str, ...]:
 
 def preprocessing(arch: str, image_size: int | str) -> Preprocessing:
     """From the arch's ImageNet weights meta, scaled to ``image_size`` (auto: the weights' own 224)."""
-    preset = get_model_weights(arch).IMAGENET1K_V1.transforms()
-    own = Preprocessing(
-        preset.resize_size[0], preset.crop_size[0], preset.interpolation.value, tuple(preset.mean), tuple(preset.std)
-    )
-    return scaled(own, own.crop_size if image_size == "auto" else int(image_size))
+    return scaled(from_transforms(get_model_weights(arch).IMAGENET1K_V1.transforms()), image_size)
 
 
 def cut(model: VGG, layer: str) -> nn.Sequential:

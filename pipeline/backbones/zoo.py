@@ -25,6 +25,7 @@ from pipeline.backbones.base import (
     Cut,
     Preprocessing,
     choose_layer,
+    from_transforms,
     hub_checkpoint,
     resolve_pool,
     scaled,
@@ -64,11 +65,7 @@ def layers(arch: str) -> tuple[str, ...]:
 
 def preprocessing(arch: str, image_size: int | str) -> Preprocessing:
     """From the default weights' own ``transforms()``, scaled to ``image_size`` (auto: the weights' crop)."""
-    preset = get_model_weights(arch).DEFAULT.transforms()
-    own = Preprocessing(
-        preset.resize_size[0], preset.crop_size[0], preset.interpolation.value, tuple(preset.mean), tuple(preset.std)
-    )
-    return scaled(own, own.crop_size if image_size == "auto" else int(image_size))
+    return scaled(from_transforms(get_model_weights(arch).DEFAULT.transforms()), image_size)
 
 
 def _model(arch: str, crop: int, device: str) -> nn.Module:
