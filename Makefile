@@ -11,7 +11,7 @@ export DVC_NO_ANALYTICS := 1
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test,timm]'
+	$(BIN)/python -m pip install --quiet -e '.[test,timm,torchcodec]'
 	$(BIN)/python -m pipeline.plots
 	touch $@
 

@@ -29,7 +29,7 @@ View = Literal["original", "hflip"]
 StorageDtype = Literal["float16", "float32"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 Compression = Literal["none", "lzf"]
-Decode = Literal["fast", "exact"]
+Decode = Literal["fast", "exact", "device"]
 HeadKind = Literal["linear", "mlp", "logreg"]
 Optimizer = Literal["sgd", "adamw"]
 
@@ -69,7 +69,7 @@ class ExtractConfig:
     storage_dtype: StorageDtype = "float16"
     device: str = "auto"
     num_workers: int | Literal["auto"] = _range("auto", 0, 64)  # auto: hardware.decode_workers
-    decode: Decode = "fast"  # fast: large JPEGs decode at a reduced DCT scale (see images.open_image); exact: full
+    decode: Decode = "fast"  # fast: large JPEGs at a reduced DCT scale (images.open_image); exact: full; device: on it
     precision: Precision = "auto"  # auto: bf16 on CPUs with native bf16 and on CUDA (fp16 where bf16 is missing)
     compile: bool = False  # torch.compile the network for a fixed batch shape
     compression: Compression = "none"  # HDF5 filter of the feature datasets

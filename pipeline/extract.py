@@ -26,7 +26,7 @@ import torchvision
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from pipeline import backbones, committed, distributed, features, listing, sources
+from pipeline import backbones, committed, decoder, distributed, features, listing, sources
 from pipeline.batches import joined, pieces, shard_bounds, split_batches
 from pipeline.config import DataConfig, ExtractConfig, Params, dvc_path, load_params, to_dict, with_dvc_paths
 from pipeline.distributed import World
@@ -89,6 +89,10 @@ def extract(
     cfg, world = params.extract, world or World()
     items, classes = sources.read_manifest(prepared)
     forward, device, base, prep = _network(cfg, params.seed, world)
+    on_device = decoder.DeviceDecoder(prep, device) if cfg.decode == "device" else None
+    base |= {"decoder": on_device.name} if on_device else {}  # what decoded the JPEGs, as the rows depend on it
+    if on_device and device.type != "cuda" and world.main:
+        log.info("decode: device on %s decodes the JPEGs in this process, not in the workers: slower", device)
     base |= {"class_names": list(classes)}
     rows = {split: [it for it in items if it.split == split] for split in sources.SPLITS}
     store_root = out_dir.parent / STORE_DIR
@@ -115,16 +119,19 @@ def extract(
     listed = {it.id: it.key for it in items}  # a file must still have the bytes its rows are stored under
     reader = sources.ImageReader(params.data, reduce_for=prep.reduce_for(cfg.decode), keys=listed)
     mine = [b for b in batches if start <= b[0] < stop]
+    images = backbones.Images([first_id[k] for k in keys], reader, prep)
     loader = DataLoader(
-        backbones.Images([first_id[k] for k in keys], reader, prep),
+        decoder.RawImages(reader.raw, images) if on_device else images,  # device: the files' bytes, mostly
         batch_sampler=pieces(mine, workers),
         num_workers=workers,
+        collate_fn=decoder.collate if on_device else None,
         prefetch_factor=2 * workers if workers else None,  # two whole batches a worker ahead, as without pieces
         pin_memory=device.type == "cuda",
     )
     step = functools.partial(_forward, forward, device=device, pad_to=cfg.batch_size)
     work = [(keys[b[0] : b[-1] + 1], todo[keys[b[0]]]) for b in mine]
     batches_in = joined(loader, mine) if mine else iter(())  # no work: no decode workers started
+    batches_in = decoder.on_device(batches_in, on_device) if on_device else batches_in
     done = _extract_shard(step, batches_in, store, work, ids=first_id, bar=world.main)
     store.close()
     shares = distributed.gather(done, world)  # waits for every process: a failed one stops the run here

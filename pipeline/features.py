@@ -51,6 +51,7 @@ PROVENANCE_KEYS = IDENTITY_KEYS + (
     "torch_version",
     "torchvision_version",
 )
+OPTIONAL_KEYS = ("decoder", "timm_version")  # written where the setting has them: decode: device, timm models
 LIST_DATASETS = ("class_names",)  # provenance kept as a dataset: it grows with the folder
 
 
@@ -119,7 +120,7 @@ class FeatureWriter:
         if row_settings is not None:
             _create(self._file, "keys", (n, 16), "uint8", 1)
             self._file.attrs["row_settings"] = row_settings
-        for key in PROVENANCE_KEYS:
+        for key in PROVENANCE_KEYS + tuple(k for k in OPTIONAL_KEYS if k in provenance):
             if key in LIST_DATASETS:
                 values = list(provenance[key])
                 _create(self._file, key, (len(values),), h5py.string_dtype("utf-8"), 64)

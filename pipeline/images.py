@@ -54,6 +54,13 @@ def open_image(path: Path | IO[bytes], reduce_for: int = 0) -> Image.Image:
             return img.convert("RGB")
 
 
+def read_bytes(path: Path) -> bytes:
+    """A file's bytes, refusing what is not a regular file as ``open_image`` does."""
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise OSError(f"not a regular file: {path}")  # a FIFO would block, a device never end
+    return Path(path).read_bytes()
+
+
 def image_problem(path: Path) -> str:
     """Why ``path`` cannot be used as an image, or "" when it can. Decodes every byte of it; a large JPEG at a
     reduced scale, which reads all of its data as a full decode does, at a fraction of the cost."""

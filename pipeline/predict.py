@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from pipeline import backbones, heads, sources
+from pipeline import backbones, decoder, heads, sources
 from pipeline.config import load_params, with_dvc_paths
 from pipeline.errors import PipelineError, run_stage
 from pipeline.hardware import decode_workers, resolve_device
-from pipeline.images import open_image
+from pipeline.images import open_image, read_bytes
 
 log = logging.getLogger(__name__)
 
@@ -53,15 +53,20 @@ def predict(
     extraction (``decode`` as the features were made)."""
     extractor = extractor.to(device, memory_format=torch.channels_last)
     head = head.to(device).eval()
+    images = backbones.Images(list(paths), functools.partial(open_image, reduce_for=prep.reduce_for(decode)), prep)
+    on_device = decoder.DeviceDecoder(prep, device) if decode == "device" else None
     loader = DataLoader(
-        backbones.Images(list(paths), functools.partial(open_image, reduce_for=prep.reduce_for(decode)), prep),
+        decoder.RawImages(read_bytes, images) if on_device else images,
         batch_size=batch_size,
         num_workers=num_workers,
+        collate_fn=decoder.collate if on_device else None,
         pin_memory=device.type == "cuda",
     )
+    batches = decoder.on_device((([p], i, e) for p, i, e in loader), on_device) if on_device else loader
     k = min(top_k, len(class_names))
     results: list[Prediction] = []
-    for images, index, errors in loader:
+    for images, index, errors in batches:
+        images = images[0] if on_device else images
         images = images.to(device, non_blocking=device.type == "cuda").contiguous(memory_format=torch.channels_last)
         probs = torch.softmax(head(extractor(images)), 1).cpu()
         values, classes = probs.topk(k, dim=1)

@@ -24,7 +24,7 @@ from PIL import Image
 from pipeline import folders, listing, splits
 from pipeline.config import DataConfig
 from pipeline.errors import PipelineError
-from pipeline.images import open_image
+from pipeline.images import open_image, read_bytes
 
 log = logging.getLogger(__name__)
 
@@ -243,12 +243,18 @@ class ImageReader:
         if self.source == "imagefolder" and self.keys is None:
             return open_image(self.root / item_id, self.reduce_for)
         if self.source == "imagefolder":
-            data = (self.root / item_id).read_bytes()
-            if listing.content_hash(data).hexdigest() != self.keys[item_id]:
-                raise OSError("the file changed after the scan stage listed it: run dvc repro again")
-            return open_image(io.BytesIO(data), self.reduce_for)
+            return open_image(io.BytesIO(self.raw(item_id)), self.reduce_for)
         group, index = item_id.split("/")
         return Image.fromarray(self._arrays[group][int(index)]).convert("RGB")
+
+    def raw(self, item_id: str) -> bytes | None:
+        """The file's bytes, checked against its listed key where there is one; None for an array's image."""
+        if self.source != "imagefolder":
+            return None
+        data = read_bytes(self.root / item_id)
+        if self.keys is not None and listing.content_hash(data).hexdigest() != self.keys[item_id]:
+            raise OSError("the file changed after the scan stage listed it: run dvc repro again")
+        return data
 
 
 # ---------------------------------------------------------------------------- CIFAR-10 files
