@@ -136,12 +136,16 @@ class DeviceDecoder:
             if not pixels[i]:
                 crops[i] = payload.to(self.device, non_blocking=self.device.type == "cuda")
         for part in _parts([i for i, n in enumerate(pixels) if n], pixels, DECODE_PIXELS):
+            sizes: dict[torch.Size, list[tuple[int, torch.Tensor]]] = {}  # decoded images by their shape
             for i, image in zip(part, self._decoded([payloads[i] for i in part]), strict=True):
                 if image is None:  # the device failed on it: Pillow decides, as on the CPU path
                     crop, errors[i] = cpu_crop(payloads[i].numpy().tobytes(), self.prep)
                     crops[i] = crop.to(self.device)
                 else:
-                    crops[i] = self._crop(image)
+                    sizes.setdefault(image.shape, []).append((i, image))
+            for same in sizes.values():  # one resize per shape: a folder of one camera's photos is one call
+                for (i, _), crop in zip(same, self._crop(torch.stack([image for _, image in same])), strict=True):
+                    crops[i] = crop
         return torch.stack(crops), errors  # type: ignore[arg-type]  # every slot is filled
 
     def _decoded(self, data: list[torch.Tensor]) -> list[torch.Tensor | None]:
@@ -157,11 +161,12 @@ class DeviceDecoder:
                 return [None]
             return [image for one in data for image in self._decoded([one])]
 
-    def _crop(self, image: torch.Tensor) -> torch.Tensor:
-        """The CPU path's resize and centre crop, on the device's tensor (antialiased, rounded to uint8)."""
+    def _crop(self, images: torch.Tensor) -> torch.Tensor:
+        """The CPU path's resize and centre crop of (N, 3, H, W) images of one size, on the device (antialiased,
+        rounded to uint8; each image's result does not depend on the others)."""
         mode = F.InterpolationMode(self.prep.interpolation)
-        image = F.resize(image.to(self.device), [self.prep.resize_size], interpolation=mode, antialias=True)
-        return F.center_crop(image, [self.prep.crop_size])
+        images = F.resize(images.to(self.device), [self.prep.resize_size], interpolation=mode, antialias=True)
+        return F.center_crop(images, [self.prep.crop_size])
 
 
 def _parts(rows: list[int], pixels: Sequence[int], budget: int) -> Iterator[list[int]]:

@@ -164,3 +164,12 @@ def test_predict_decodes_as_the_features_were_decoded(tmp_path: Path):
         if not exact.error:
             assert dict(exact.top) == pytest.approx(dict(device.top), abs=0.05), exact.path.name
     assert [p.path.name for p in got["device"] if p.error] == ["truncated.jpg", "pipe.jpg"]
+
+
+def test_images_of_one_size_are_resized_together_with_the_same_bits_as_alone():
+    rng = np.random.default_rng(0)
+    images = torch.from_numpy(rng.integers(0, 256, (5, 3, 75, 100), dtype=np.uint8))
+    crop = decoder.DeviceDecoder(PREP, CPU, decode=lambda data, device: [])._crop
+    together = crop(images)
+    assert together.shape == (5, 3, 32, 32)
+    assert all(torch.equal(together[k], crop(images[k : k + 1])[0]) for k in range(5))
