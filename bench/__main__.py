@@ -102,15 +102,28 @@ def with_rate(stats: dict[str, float]) -> dict[str, float]:
     return stats | {"images_per_s": images / seconds}
 
 
+_PREPARED: dict[tuple[Path, str], Path] = {}  # (root, data params) -> a run directory that scanned and prepared it
+
+
 def pipeline_extract(root: Path, work: Path, tag: str, extract: dict[str, Any]) -> dict[str, float]:
     """scan, prepare and extract as the stages run them; throughput from the extraction loop, memory of that
-    process. Every call extracts every image: its row store and its features are removed first."""
+    process. Every call extracts every image: its row store and its features are removed first. scan and
+    prepare run once per folder and data parameters in a process; later runs copy their outputs."""
     run_dir = work / f"pipeline-{tag}"
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "params.yaml").write_text(yaml.safe_dump(params_for(root, extract)))
-    measured([sys.executable, "-m", "pipeline.scan", "--out", "images.csv"], run_dir)
-    prepare = ["--images", "images.csv", "--out", "prepared", "--metrics", "prepare.json"]
-    measured([sys.executable, "-m", "pipeline.prepare", *prepare], run_dir)
+    params = params_for(root, extract)
+    (run_dir / "params.yaml").write_text(yaml.safe_dump(params))
+    key = (root, json.dumps([params["seed"], params["data"]], sort_keys=True))
+    done = _PREPARED.get(key)
+    if done and done != run_dir and (done / "prepared").is_dir():
+        shutil.copy2(done / "images.csv", run_dir / "images.csv")
+        shutil.rmtree(run_dir / "prepared", ignore_errors=True)
+        shutil.copytree(done / "prepared", run_dir / "prepared")
+    else:
+        measured([sys.executable, "-m", "pipeline.scan", "--out", "images.csv"], run_dir)
+        prepare = ["--images", "images.csv", "--out", "prepared", "--metrics", "prepare.json"]
+        measured([sys.executable, "-m", "pipeline.prepare", *prepare], run_dir)
+        _PREPARED[key] = run_dir
     for previous in (".feature-store", "features"):  # the recorded features seed an empty store: remove both
         shutil.rmtree(run_dir / previous, ignore_errors=True)
     cmd = [sys.executable, "-m", "pipeline.extract", "--prepared", "prepared", "--out", "features"]

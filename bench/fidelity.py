@@ -1,12 +1,15 @@
-"""How much ``decode: fast`` changes the features of camera photos, against ``decode: exact`` on the same files.
+"""How much ``decode: fast`` and ``decode: device`` change the features of camera photos, against ``decode:
+exact`` on the same files; with bf16 against fp32 (both exact) as the yardstick.
 
     python -m bench.fidelity                # 240 photos of 12 MP at 224 px, VGG16 pool5, fp32
     python -m bench.fidelity --quick
 
-Both runs are the pipeline's own extraction, in fp32 and stored as float32, so that the only difference is the
-decode. Reported: each row's relative L2 error and cosine similarity; how many val/test rows get another nearest
-training row (cosine); and, for a logistic-regression head, how many predictions change, both for one head fed
-either set of features and for a head trained on each set (the whole pipeline fast or exact).
+Every run is the pipeline's own extraction, stored as float32; the decode runs are in fp32, so that the only
+difference from exact is the decode. ``device`` decodes on ``--device`` (the CPU by default: libjpeg-turbo there,
+with torch's resize; nvJPEG on CUDA). Reported for each against exact: each row's relative L2 error and cosine
+similarity, and the mean and largest difference of the network's input (the uint8 crop) on a sample of photos;
+how many val/test rows get another nearest training row (cosine); and, for a logistic-regression head, how many
+predictions change, both for one head fed either set of features and for a head trained on each set.
 
 The photos are bench.images.make_photos': two scenes, mirrored and tinted at random, labelled by index modulo
 four, so that pairs of classes show the same scene: a head is unsure on many rows, which makes its
@@ -24,6 +27,14 @@ import numpy as np
 
 from bench.gpu import compare
 from bench.images import make_photos
+
+RUNS = {  # tag: (decode, precision)
+    "exact": ("exact", "fp32"),
+    "fast": ("fast", "fp32"),
+    "device": ("device", "fp32"),
+    "bf16": ("exact", "bf16"),
+}
+INPUT_SAMPLE = 16  # photos whose network inputs are compared pixel by pixel
 
 
 def load(out: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -48,52 +59,82 @@ def nearest(train: np.ndarray, queries: np.ndarray) -> np.ndarray:
     return (q @ a.T).argmax(1)
 
 
-def run(work: Path, n: int, image_size: int = 224) -> dict[str, Any]:
+def inputs(photos: Path, image_size: int, device: str) -> dict[str, dict[str, float]]:
+    """The uint8 network inputs of INPUT_SAMPLE photos from each decode against exact's: mean and max difference."""
+    import torch
+
+    from pipeline.backbones.vgg import preprocessing
+    from pipeline.decoder import DeviceDecoder, Encoded, device_pixels
+    from pipeline.images import open_image
+
+    prep = preprocessing("vgg16", image_size)
+    files = sorted(photos.rglob("*.jpg"))[:INPUT_SAMPLE]
+    exact = torch.stack([prep.to_uint8(open_image(f)) for f in files]).int()
+    fast = torch.stack([prep.to_uint8(open_image(f, prep.resize_size)) for f in files]).int()
+    data = [f.read_bytes() for f in files]
+    piece = Encoded([torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in data], [device_pixels(d) for d in data])
+    device_crops = DeviceDecoder(prep, torch.device(device))([piece], [""] * len(files))[0].cpu().int()
+    return {
+        tag: {"mean_abs": float((x - exact).abs().float().mean()), "max_abs": int((x - exact).abs().max())}
+        for tag, x in (("fast", fast), ("device", device_crops))
+    }
+
+
+def run(work: Path, n: int, image_size: int = 224, device: str = "cpu") -> dict[str, Any]:
     from bench.__main__ import pipeline_extract
 
     photos = make_photos(work / "photos", n)
     feats = {}
-    for decode in ("exact", "fast"):
-        opts = {"image_size": image_size, "decode": decode, "precision": "fp32", "storage_dtype": "float32"}
-        pipeline_extract(photos, work, decode, opts)
-        feats[decode] = load(work / f"pipeline-{decode}" / "features")
-    ex, fa = feats["exact"], feats["fast"]
-    every = compare(*(np.concatenate([d[s][0] for s in ("train", "val", "test")]) for d in (fa, ex)))
-    queries = {d: np.concatenate([feats[d][s][0] for s in ("val", "test")]) for d in feats}
+    for tag, (decode, precision) in RUNS.items():
+        opts = {"image_size": image_size, "decode": decode, "precision": precision, "storage_dtype": "float32"}
+        pipeline_extract(photos, work, tag, opts | {"device": "cpu" if tag != "device" else device})
+        feats[tag] = load(work / f"pipeline-{tag}" / "features")
+    ex = feats["exact"]
+    queries = {t: np.concatenate([feats[t][s][0] for s in ("val", "test")]) for t in feats}
     truth = np.concatenate([ex[s][1] for s in ("val", "test")])
-    nn = {d: nearest(feats[d]["train"][0], queries[d]) for d in feats}
-    same_head = head_predictions(ex["train"], queries["exact"], queries["fast"])
-    own_head = [head_predictions(feats[d]["train"], queries[d])[0] for d in ("exact", "fast")]
-    return {
-        "photos": n,
-        "image_size": image_size,
-        "rows": every,
-        "queries": len(truth),
-        "nearest_changed": int((nn["exact"] != nn["fast"]).sum()),
-        "exact_head_changed": int((same_head[0] != same_head[1]).sum()),
-        "own_heads_changed": int((own_head[0] != own_head[1]).sum()),
-        "accuracy": {"exact": float((own_head[0] == truth).mean()), "fast": float((own_head[1] == truth).mean())},
-    }
+    nn_exact = nearest(ex["train"][0], queries["exact"])
+    own_exact = head_predictions(ex["train"], queries["exact"])[0]
+    pixels = inputs(photos, image_size, device)
+    against = {}
+    for tag in ("fast", "device", "bf16"):
+        f = feats[tag]
+        same_head = head_predictions(ex["train"], queries["exact"], queries[tag])
+        own = head_predictions(f["train"], queries[tag])[0]
+        against[tag] = {
+            "rows": compare(*(np.concatenate([d[s][0] for s in ("train", "val", "test")]) for d in (f, ex))),
+            "input": pixels.get(tag),
+            "nearest_changed": int((nearest(f["train"][0], queries[tag]) != nn_exact).sum()),
+            "exact_head_changed": int((same_head[0] != same_head[1]).sum()),
+            "own_heads_changed": int((own_exact != own).sum()),
+            "accuracy": float((own == truth).mean()),
+        }
+    return {"photos": n, "image_size": image_size, "device": device, "queries": len(truth),
+            "accuracy_exact": float((own_exact == truth).mean()), "against_exact": against}  # fmt: skip
 
 
 def markdown(r: dict[str, Any]) -> str:
-    e = r["rows"]
-    return "\n".join(
-        [
-            f"# decode: fast against exact ({r['photos']} photos of 4032x3024, VGG16 pool5 at {r['image_size']} px, "
-            "fp32, random weights)",
-            "",
-            f"- pool5 features, every row: relative L2 error median {e['rel_err_median']:.2e}, max "
-            f"{e['rel_err_max']:.2e}; cosine similarity min {e['cosine_min']:.6f}",
-            f"- nearest training row (cosine) of the {r['queries']} val/test rows: {r['nearest_changed']} changed",
-            f"- one logistic-regression head (trained on exact features), fed exact or fast features: "
-            f"{r['exact_head_changed']} of {r['queries']} predictions changed",
-            f"- a head trained on each (the whole pipeline exact or fast): {r['own_heads_changed']} of "
-            f"{r['queries']} predictions changed; accuracy {r['accuracy']['exact']:.3f} exact, "
-            f"{r['accuracy']['fast']:.3f} fast",
-            "",
-        ]
-    )
+    label = {"fast": "decode fast", "device": f"decode device (on {r['device']})", "bf16": "bf16 (decode exact)"}
+    lines = [
+        f"# decode fast and device against exact ({r['photos']} photos of 4032x3024, VGG16 pool5 at "
+        f"{r['image_size']} px, fp32, random weights); bf16 against fp32 as the yardstick",
+        "",
+        f"Per row of features: relative L2 error and cosine against exact in fp32. Network input: the uint8 crop of "
+        f"{INPUT_SAMPLE} photos against exact's, grey levels. Of the {r['queries']} val/test rows: nearest training "
+        "row changed; predictions changed by one logistic-regression head trained on exact features, and by a head "
+        f"trained on each (accuracy {r['accuracy_exact']:.3f} with exact).",
+        "",
+        "| against exact | rel. error median | max | cosine min | input mean / max | nearest changed "
+        "| one head | own heads (accuracy) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for tag, a in r["against_exact"].items():
+        e, px = a["rows"], a["input"]
+        pixel = f"{px['mean_abs']:.2f} / {px['max_abs']}" if px else "0 / 0"
+        lines.append(
+            f"| {label[tag]} | {e['rel_err_median']:.2e} | {e['rel_err_max']:.2e} | {e['cosine_min']:.6f} | {pixel} "
+            f"| {a['nearest_changed']} | {a['exact_head_changed']} | {a['own_heads_changed']} ({a['accuracy']:.3f}) |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
@@ -102,11 +143,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--photos", type=int, default=240)
     parser.add_argument("--quick", action="store_true", help="40 photos at 64 px, report in a temp dir")
+    parser.add_argument("--device", default="cpu", help="where decode: device runs (cpu | cuda)")
     parser.add_argument("--out", type=Path, help="report directory (default: bench/results)")
     args = parser.parse_args()
     n, size = (40, 64) if args.quick else (args.photos, 224)
     with tempfile.TemporaryDirectory(prefix="bench-fidelity-") as tmp:
-        report = run(Path(tmp), n, size)
+        report = run(Path(tmp), n, size, args.device)
     text = markdown(report)
     save_report(args.out, args.quick, "fidelity-cpu", text, report)
 

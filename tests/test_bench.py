@@ -13,22 +13,30 @@ from tests.conftest import ROOT
 
 
 def test_gpu_script_runs_whole_on_the_cpu(tmp_path: Path):
-    """bench/gpu.sh as a person runs it, with --quick --device cpu: set-up check, generated files, the four
-    extractions, the bare network and the feature check (bf16 against fp32 here: the tolerance's own basis)."""
+    """bench/gpu.sh as a person runs it, with --quick --device cpu: set-up check, generated files, both networks'
+    extractions with decode fast and device, their bare networks, the feature checks (bf16 against fp32 here:
+    the tolerance's own basis) and the device decode alone."""
     env = os.environ | {"PYTHON": sys.executable}
     cmd = ["bash", str(ROOT / "bench" / "gpu.sh"), "--quick", "--device", "cpu", "--out", str(tmp_path)]
+    cmd += ["--archs", "vgg11", "resnet18"]  # lighter than vgg16 and resnet50 on this CPU, the same code
     result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     report = json.loads((tmp_path / "gpu.json").read_text())
-    assert set(report["extraction"]) == {"small-fast", "small-exact", "photos-fast", "photos-exact"}
+    runs = {f"{arch}-{folder}-{decode}" for arch in ("vgg11", "resnet18") for folder in ("small", "photos")
+            for decode in ("fast", "device")}  # fmt: skip
+    assert set(report["extraction"]) == runs
     for run in report["extraction"].values():
         assert run["images_per_s"] > 0 and run["decode_workers"] >= 2
-    assert report["ceiling"]["images_per_s"] > 0
-    assert report["agreement"]["rows"] == 32
-    assert report["agreement"]["rel_err_max"] <= TOLERANCE["rel_err_max"]
-    assert report["agreement"]["cosine_min"] >= TOLERANCE["cosine_min"]
+    assert all(report["ceiling"][arch]["images_per_s"] > 0 for arch in ("vgg11", "resnet18"))
+    agreement = report["agreement"]
+    assert agreement["device_vs_cpu"]["rows"] == 32
+    assert agreement["device_vs_cpu"]["rel_err_max"] <= TOLERANCE["rel_err_max"]
+    assert agreement["device_vs_cpu"]["cosine_min"] >= TOLERANCE["cosine_min"]
+    assert 0 < agreement["decode_device_vs_exact"]["rel_err_max"] < 0.05
+    assert report["device_decode"]["device_images_per_s"] > 0 and report["device_decode"]["input_max_abs_diff"] > 0
     table = (tmp_path / "gpu.md").read_text()
-    assert "| photos-fast |" in table and "| bare network" in table and "**within**" in table
+    assert "| vgg11-photos-device |" in table and "| resnet18 bare network" in table and "**within**" in table
+    assert "resnet18, 500x375 JPEGs: decode device" in table
 
 
 def test_feature_comparison_measures_relative_error_and_cosine():
@@ -43,11 +51,13 @@ def test_utilisation_is_empty_without_nvidia_smi(monkeypatch):
     monkeypatch.setenv("PATH", "/nonexistent")
     with Utilisation() as util:
         pass
-    assert util.summary() == {"gpu_util_mean": None, "gpu_util_max": None}
+    assert set(util.summary().values()) == {None}
 
 
 def test_utilisation_summarises_the_samples_of_a_window():
     util = Utilisation()
-    util.samples = [(1.0, 0.0), (2.0, 90.0), (3.0, 100.0), (4.0, 10.0)]
-    assert util.summary(2.0, 3.0) == {"gpu_util_mean": 95.0, "gpu_util_max": 100.0}
+    util.samples = [(1.0, 0.0, 500.0), (2.0, 90.0, 900.0), (3.0, 100.0, 950.0), (4.0, 10.0, 400.0)]
+    window = util.summary(2.0, 3.0)
+    assert window["gpu_util_mean"] == 95.0 and window["gpu_util_max"] == 100.0
+    assert (window["gpu_mem_first_mib"], window["gpu_mem_last_mib"], window["gpu_mem_max_mib"]) == (900, 950, 950)
     assert util.summary()["gpu_util_mean"] == 50.0

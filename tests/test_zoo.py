@@ -62,7 +62,8 @@ def test_weights_from_a_state_dict_file_are_loaded_and_recorded_by_content(tmp_p
     ("arch", "stages"),
     [("resnet50", {"stage1": "layer1", "stage4": "layer4"}),
      ("convnext_tiny", {"stage1": "features.2.0", "stage4": "features.7"}),  # 2.0: the downsampling's norm
-     ("densenet121", {"stage1": "features.transition1.conv", "stage4": "relu"})],  # relu: after norm5
+     ("densenet121", {"stage1": "features.transition1.conv", "stage4": "relu"}),  # relu: after norm5
+     ("efficientnet_b0", {"stage1": "features.3.0.block.0", "stage4": "features.8"})],  # block.0: the expansion
 )  # fmt: skip
 def test_a_stage_is_the_last_map_at_its_stride_that_all_later_nodes_depend_on(arch: str, stages: dict[str, str]):
     nodes = zoo.graph(arch).nodes
