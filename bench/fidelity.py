@@ -63,17 +63,18 @@ def inputs(photos: Path, image_size: int, device: str) -> dict[str, dict[str, fl
     """The uint8 network inputs of INPUT_SAMPLE photos from each decode against exact's: mean and max difference."""
     import torch
 
+    from pipeline.backbones.base import Images
     from pipeline.backbones.vgg import preprocessing
-    from pipeline.decoder import DeviceDecoder, Encoded, device_pixels
-    from pipeline.images import open_image
+    from pipeline.decoder import DeviceDecoder, RawImages, collate
+    from pipeline.images import open_image, read_bytes
 
     prep = preprocessing("vgg16", image_size)
     files = sorted(photos.rglob("*.jpg"))[:INPUT_SAMPLE]
     exact = torch.stack([prep.to_uint8(open_image(f)) for f in files]).int()
     fast = torch.stack([prep.to_uint8(open_image(f, prep.resize_size)) for f in files]).int()
-    data = [f.read_bytes() for f in files]
-    piece = Encoded([torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in data], [device_pixels(d) for d in data])
-    device_crops = DeviceDecoder(prep, torch.device(device))([piece], [""] * len(files))[0].cpu().int()
+    raw = RawImages(read_bytes, Images(files, open_image, prep))
+    piece, _, errors = collate([raw[i] for i in range(len(files))])
+    device_crops = DeviceDecoder(prep, torch.device(device))([piece], errors)[0].cpu().int()
     return {
         tag: {"mean_abs": float((x - exact).abs().float().mean()), "max_abs": int((x - exact).abs().max())}
         for tag, x in (("fast", fast), ("device", device_crops))

@@ -143,24 +143,21 @@ def device_decode(photos: Path, device: str, n: int = 128) -> dict[str, Any]:
     reduced decode (``fast``) on one core; and how far its 224 px network inputs are from ``exact``'s."""
     import torch
 
+    from pipeline.backbones.base import Images
     from pipeline.backbones.vgg import preprocessing
-    from pipeline.decoder import DeviceDecoder, Encoded, device_pixels
-    from pipeline.images import open_image
+    from pipeline.decoder import DeviceDecoder, RawImages, collate
+    from pipeline.images import open_image, read_bytes
 
     prep, on = preprocessing("vgg16", 224), torch.device(device)
     decode = DeviceDecoder(prep, on)
     files = sorted(photos.rglob("*.jpg"))[:n]
-    data = [f.read_bytes() for f in files]
-    pieces = [
-        Encoded([torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in data[k : k + 32]],
-                [device_pixels(d) for d in data[k : k + 32]])
-        for k in range(0, len(data), 32)
-    ]  # fmt: skip
-    decode(pieces[:1], [""] * len(pieces[0].payloads))  # start-up: the decoder's state, the resize kernels
+    raw = RawImages(read_bytes, Images(files, open_image, prep))  # what the workers send, made here beforehand
+    pieces = [collate([raw[i] for i in range(k, min(k + 32, len(files)))]) for k in range(0, len(files), 32)]
+    decode([pieces[0][0]], pieces[0][2])  # start-up: the decoder's state, the resize kernels
     sync = torch.cuda.synchronize if on.type == "cuda" else lambda: None
     sync()
     start = time.perf_counter()
-    crops = torch.cat([decode([piece], [""] * len(piece.payloads))[0].cpu() for piece in pieces])
+    crops = torch.cat([decode([piece], errors)[0].cpu() for piece, _, errors in pieces])
     device_s = time.perf_counter() - start
     start = time.perf_counter()
     few = min(16, len(files))

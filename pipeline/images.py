@@ -37,8 +37,8 @@ def open_image(path: Path | IO[bytes], reduce_for: int = 0) -> Image.Image:
     16-bit images are scaled to 8 bits (PIL's own conversion would clip them to white); an image over
     PIL's pixel limit (``Image.MAX_IMAGE_PIXELS``) is refused as a decompression bomb.
     """
-    if isinstance(path, (str, Path)) and os.path.exists(path) and not os.path.isfile(path):
-        raise OSError(f"not a regular file: {path}")  # a FIFO would block, a device never end
+    if isinstance(path, (str, Path)):
+        _refuse_special(path)
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with Image.open(path) as img:
@@ -56,9 +56,13 @@ def open_image(path: Path | IO[bytes], reduce_for: int = 0) -> Image.Image:
 
 def read_bytes(path: Path) -> bytes:
     """A file's bytes, refusing what is not a regular file as ``open_image`` does."""
+    _refuse_special(path)
+    return Path(path).read_bytes()
+
+
+def _refuse_special(path: str | Path) -> None:
     if os.path.exists(path) and not os.path.isfile(path):
         raise OSError(f"not a regular file: {path}")  # a FIFO would block, a device never end
-    return Path(path).read_bytes()
 
 
 def image_problem(path: Path) -> str:

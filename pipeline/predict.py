@@ -62,11 +62,11 @@ def predict(
         collate_fn=decoder.collate if on_device else None,
         pin_memory=device.type == "cuda",
     )
-    batches = decoder.on_device((([p], i, e) for p, i, e in loader), on_device) if on_device else loader
     k = min(top_k, len(class_names))
     results: list[Prediction] = []
-    for images, index, errors in batches:
-        images = images[0] if on_device else images
+    for images, index, errors in loader:
+        if on_device:  # the files' bytes, decoded here
+            images, errors = on_device([images], errors)
         images = images.to(device, non_blocking=device.type == "cuda").contiguous(memory_format=torch.channels_last)
         probs = torch.softmax(head(extractor(images)), 1).cpu()
         values, classes = probs.topk(k, dim=1)

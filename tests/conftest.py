@@ -7,11 +7,13 @@ import pickle
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from PIL import Image
 
@@ -46,6 +48,17 @@ def _isolate(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathF
         monkeypatch.setenv(var, "http://127.0.0.1:9")  # the discard port: refused at once
     monkeypatch.delenv("NO_PROXY", raising=False)
     monkeypatch.delenv("no_proxy", raising=False)
+
+
+def cached_hub_weights(monkeypatch: pytest.MonkeyPatch, home: Path, build: Callable[[], Any], url: str) -> dict:
+    """``build()``'s state dict (seed 123) placed where torch hub caches ``url``, under TORCH_HOME ``home``."""
+    monkeypatch.setenv("TORCH_HOME", str(home))
+    checkpoints = home / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    torch.manual_seed(123)
+    state = build().state_dict()
+    torch.save(state, checkpoints / Path(url).name)
+    return state
 
 
 def color_image(rng: np.random.Generator, label: int, size: int = 12, mode: str = "RGB") -> Image.Image:

@@ -184,7 +184,7 @@ ROW_CODE = (
     decoder.cpu_crop, decoder.RawImages, decoder.collate, decoder.jpeg_decoder, decoder._torchvision_decode,
     decoder.DeviceDecoder, decoder.on_device,
 )  # fmt: skip
-ROW_CODE_DIGESTS = {1: "24a670cf57ce66b7"}  # 1: also after the backbone families and decode: device, with which
+ROW_CODE_DIGESTS = {1: "0bac1031d2d5b984"}  # 1: also after the backbone families and decode: device, with which
 # the fast and exact rows of a VGG kept their bytes (decode: device has a store of its own)
 
 

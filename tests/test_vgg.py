@@ -16,7 +16,7 @@ from pipeline import backbones
 from pipeline.backbones import vgg
 from pipeline.config import ExtractConfig
 from pipeline.errors import PipelineError
-from tests.conftest import color_image
+from tests.conftest import cached_hub_weights, color_image
 
 CFG = ExtractConfig(arch="vgg11", weights="random", image_size=64)
 
@@ -96,12 +96,7 @@ def test_random_weights_are_a_function_of_the_seed():
 
 def test_imagenet_weights_are_taken_from_the_torch_hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """A state dict placed where torch hub caches VGG11_Weights.IMAGENET1K_V1 is used, with no network."""
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    checkpoints = tmp_path / "hub" / "checkpoints"
-    checkpoints.mkdir(parents=True)
-    torch.manual_seed(123)
-    state = torchvision.models.vgg11().state_dict()
-    torch.save(state, checkpoints / Path(VGG11_Weights.IMAGENET1K_V1.url).name)
+    state = cached_hub_weights(monkeypatch, tmp_path, torchvision.models.vgg11, VGG11_Weights.IMAGENET1K_V1.url)
     model, _, info = backbones.build_extractor(dataclasses.replace(CFG, weights="imagenet"), seed=0)
     torch.testing.assert_close(model.body[0].weight, state["features.0.weight"], rtol=0, atol=0)
     assert (info["weights"], info["weights_source"]) == ("imagenet", "VGG11_Weights.IMAGENET1K_V1")

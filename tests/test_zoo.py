@@ -16,17 +16,13 @@ from pipeline import backbones
 from pipeline.backbones import zoo
 from pipeline.config import ExtractConfig
 from pipeline.errors import PipelineError
+from tests.conftest import cached_hub_weights
 
 CFG = ExtractConfig(arch="resnet18", weights="random", image_size=32)
 
 
 def test_imagenet_weights_are_the_default_enum_taken_from_the_torch_hub_cache(tmp_path: Path, monkeypatch):
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    checkpoints = tmp_path / "hub" / "checkpoints"
-    checkpoints.mkdir(parents=True)
-    torch.manual_seed(123)
-    state = torchvision.models.resnet18().state_dict()
-    torch.save(state, checkpoints / Path(ResNet18_Weights.DEFAULT.url).name)
+    state = cached_hub_weights(monkeypatch, tmp_path, torchvision.models.resnet18, ResNet18_Weights.DEFAULT.url)
     model, _, info = backbones.build_extractor(dataclasses.replace(CFG, weights="imagenet"), seed=0)
     conv1 = dict(model.named_parameters())["body.graph.conv1.weight"]
     torch.testing.assert_close(conv1, state["conv1.weight"], rtol=0, atol=0)
