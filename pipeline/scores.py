@@ -51,11 +51,12 @@ def score(
 
 
 def _in_top_k(probs: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
-    """Whether each row's true class is among its k most probable, ties ranked as scikit-learn's
-    ``top_k_accuracy_score`` ranks them (the higher class index first): one comparison a value, no sort."""
+    """Whether each row's true class is among its k most probable, ties ranked as argmax ranks them (the lower
+    class index first), so that top-1 is the accuracy: one comparison a value, no sort. It differs from
+    scikit-learn's ``top_k_accuracy_score``, which ranks the higher index first, on exact ties only."""
     true = probs[np.arange(len(labels)), labels][:, None]  # (rows, 1)
     above = np.count_nonzero(probs > true, axis=1)
-    tied_above = np.count_nonzero((probs == true) & (np.arange(probs.shape[1]) > labels[:, None]), axis=1)
+    tied_above = np.count_nonzero((probs == true) & (np.arange(probs.shape[1]) < labels[:, None]), axis=1)
     return above + tied_above < k
 
 
@@ -67,7 +68,7 @@ def compute_metrics(scores: Scores, labels: np.ndarray, *, val_accuracy: float, 
     pred, ids = scores.pred, np.arange(scores.num_classes)
     low, high = accuracy_interval(pred == labels, seed=seed)
     metrics = {"accuracy": float(skm.accuracy_score(labels, pred)), "acc_lo": low, "acc_hi": high}
-    if scores.num_classes > scores.top_k:  # the mean of top_k_accuracy_score's hits, which it takes whole
+    if scores.num_classes > scores.top_k:  # top_k_accuracy_score's number but on exact ties (_in_top_k), from blocks
         metrics[f"top{scores.top_k}"] = float(np.mean(scores.in_top_k))
     metrics["macro_f1"] = float(skm.f1_score(labels, pred, labels=ids, average="macro", zero_division=0))
     return metrics | {"val_acc": float(val_accuracy)}

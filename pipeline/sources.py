@@ -14,7 +14,7 @@ import json
 import logging
 import pickle
 import unicodedata
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,11 +83,21 @@ def pixel_key(pixels: np.ndarray) -> str:
 
 
 def _split(
-    ids: Sequence[str], labels: Sequence[int], classes: Sequence[str], cfg: DataConfig, seed: int, keys: Sequence[str]
+    ids: Sequence[str],
+    labels: Sequence[int],
+    classes: Sequence[str],
+    cfg: DataConfig,
+    seed: int,
+    keys: Sequence[str],
+    *,
+    carve: Collection[str] | None = None,
 ) -> list[Item]:
-    """Train/val/test of one pool of items, each image's split from its id, class and ``seed`` (pipeline.splits)."""
+    """Train/val/test of one pool of items, each image's split from its id, class and ``seed`` (pipeline.splits);
+    with ``carve``, only those splits are carved out of the pool, a train/ folder."""
     names = [classes[lab] for lab in labels]
-    assigned = splits.assign(ids, names, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=seed)
+    assigned = splits.assign(
+        ids, names, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=seed, carve=carve
+    )
     return [Item(i, lab, s, k) for i, lab, s, k in zip(ids, labels, assigned, keys, strict=True)]
 
 
@@ -127,12 +137,9 @@ def _imagefolder_items(
     if "" in kept:
         items = _split_items(kept[""], classes, cfg, seed)
     else:
-        carve = {"val": cfg.val_fraction, "test": cfg.test_fraction}
-        missing = {s for s in carve if s not in kept}
-        if missing:  # carve the missing splits out of train, stratified
-            carved = DataConfig(val_fraction=carve["val"], test_fraction=carve["test"])
-            cut = _split_items(kept.get("train", []), classes, carved, seed)
-            items = [Item(it.id, it.label, it.split if it.split in missing else "train", it.key) for it in cut]
+        missing = [s for s in ("val", "test") if s not in kept]
+        if missing:  # carve the missing splits out of train, stratified; a class needs train and those only
+            items = _split_items(kept.get("train", []), classes, cfg, seed, carve=missing)
         else:
             items = [Item(it.id, it.label, "train", it.key) for it in kept["train"]]
         for s in ("val", "test"):
@@ -145,9 +152,11 @@ def _imagefolder_items(
     return items, classes
 
 
-def _split_items(items: Sequence[Item], classes: Sequence[str], cfg: DataConfig, seed: int) -> list[Item]:
+def _split_items(
+    items: Sequence[Item], classes: Sequence[str], cfg: DataConfig, seed: int, *, carve: Collection[str] | None = None
+) -> list[Item]:
     ids, labels, keys = [it.id for it in items], [it.label for it in items], [it.key for it in items]
-    return _split(ids, labels, classes, cfg, seed, keys)
+    return _split(ids, labels, classes, cfg, seed, keys, carve=carve)
 
 
 def _check_unique(ids: Iterable[str]) -> None:

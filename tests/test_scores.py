@@ -44,15 +44,44 @@ def tied_probs(rng: np.random.Generator, n: int, classes: int) -> np.ndarray:
 
 
 @pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true")
-@pytest.mark.parametrize("k", [1, 2, 5])
-def test_top_k_and_balanced_accuracy_from_blocks_are_scikit_learns_numbers_ties_included(k: int):
+@pytest.mark.parametrize(("k", "tied"), [(1, False), (2, False), (5, False), (1, True), (2, True)])
+def test_top_k_without_ties_and_balanced_accuracy_from_blocks_are_scikit_learns_numbers(k: int, tied: bool):
     rng = np.random.default_rng(k)
-    probs, labels = tied_probs(rng, 300, 12), rng.integers(0, 10, 300)  # classes 10 and 11: predicted, never true
+    probs = tied_probs(rng, 300, 12) if tied else rng.dirichlet(np.ones(12), 300).astype(np.float32)
+    labels = rng.integers(0, 10, 300)  # classes 10 and 11: predicted, never true
     scores = score(np.array_split(probs, 7), labels, top_k=k, seed=0)
     m = compute_metrics(scores, labels, val_accuracy=0.5, seed=0)
     assert (scores.pred == 10).any() or (scores.pred == 11).any()
-    assert m[f"top{k}"] == skm.top_k_accuracy_score(labels, probs, k=k, labels=np.arange(12))
+    if not tied:  # on an exact tie scikit-learn ranks the higher class index first, argmax the lower
+        assert m[f"top{k}"] == skm.top_k_accuracy_score(labels, probs, k=k, labels=np.arange(12))
     assert scoring.balanced_accuracy(scores.pred, labels) == skm.balanced_accuracy_score(labels, scores.pred)
+
+
+@pytest.mark.parametrize("k", [1, 2, 5])
+def test_top_k_ranks_tied_classes_as_argmax_does_the_lower_index_first(k: int):
+    rng = np.random.default_rng(k)
+    probs, labels = tied_probs(rng, 300, 12), rng.integers(0, 12, 300)
+    scores = score(np.array_split(probs, 7), labels, top_k=k, seed=0)
+    ranked = np.argsort(-probs, axis=1, kind="stable")[:, :k]  # (N, k): stable, so the lower index first on a tie
+    np.testing.assert_array_equal(scores.in_top_k, (ranked == labels[:, None]).any(1))
+
+
+def test_top1_is_the_accuracy_when_the_true_class_ties():
+    """Regression: with top_k 1, a tie at the true class counted as right for accuracy (argmax takes the lower
+    class index) and as wrong for top1 (ranked as scikit-learn does, the higher index first)."""
+    probs = np.array([[0.4, 0.4, 0.2], [0.3, 0.3, 0.4], [0.5, 0.25, 0.25], [0.2, 0.4, 0.4]], dtype=np.float32)
+    labels = np.array([0, 1, 2, 1])  # right, wrong, wrong, right: rows 0 and 3 tie at their true class
+    m = metrics_of(probs, labels, top_k=1)
+    assert m["top1"] == m["accuracy"] == 0.5
+    assert skm.top_k_accuracy_score(labels, probs, k=1) == 0.0  # scikit-learn's order: the tie's other class first
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_top1_is_the_accuracy_on_many_ties(seed: int):
+    rng = np.random.default_rng(seed)
+    probs, labels = tied_probs(rng, 300, 6), rng.integers(0, 6, 300)
+    m = compute_metrics(score([probs], labels, top_k=1, seed=0), labels, val_accuracy=0.5, seed=0)
+    assert m["top1"] == m["accuracy"]
 
 
 def test_scores_from_blocks_of_rows_are_the_scores_of_the_whole_matrix():

@@ -59,6 +59,25 @@ def test_imagefolder_uses_its_own_split_folders_and_carves_a_missing_one(tmp_pat
     assert all(it.id.startswith("train/") for it in items if it.split == "val")
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_train_and_test_folders_of_two_images_a_class_carve_val_out_of_train(tmp_path: Path, seed: int):
+    """Regression: carving val alone out of train/ demanded 3 images a class, as if test were carved too."""
+    root = tmp_path / "images"
+    make_imagefolder(root / "train", per_class=2)
+    make_imagefolder(root / "test", per_class=1, seed=1)
+    items, _ = sources.discover(DataConfig(source="imagefolder", root=str(root)), seed=seed)
+    assert counts(items) == {"train": 2, "val": 2, "test": 2}  # one image of each class in each split
+    assert all(it.id.startswith("train/") for it in items if it.split == "val")
+
+
+def test_a_train_folder_too_small_to_carve_val_from_says_to_add_images_under_train(tmp_path: Path):
+    root = tmp_path / "images"
+    make_imagefolder(root / "train", per_class=1)
+    make_imagefolder(root / "test", per_class=1, seed=1)
+    with pytest.raises(PipelineError, match=r"Add images of class 'cat' under train/, or add a val/ folder"):
+        sources.discover(DataConfig(source="imagefolder", root=str(root)), seed=0)
+
+
 @pytest.mark.parametrize("mode", ["L", "RGBA", "P", "1", "I;16", "CMYK"])
 def test_imagefolder_reader_converts_every_mode_to_rgb(tmp_path: Path, mode: str):
     (tmp_path / "a").mkdir()

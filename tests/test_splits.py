@@ -94,6 +94,34 @@ def test_a_class_too_small_for_three_splits_is_a_clear_error():
         assign(ids, names)
 
 
+@pytest.mark.parametrize("n", [2, 3, 4, 12])
+def test_carving_val_alone_needs_two_images_a_class_and_keeps_the_val_band(n: int):
+    """Regression: carving val out of train/ demanded a test image too (3 a class) though test had its folder."""
+    ids, names = folder(n, classes=1)
+    for seed in range(50):
+        got = splits.assign(ids, names, val_fraction=0.1, test_fraction=0.2, seed=seed, carve=("val",))
+        assert sorted(set(got)) == ["train", "val"], seed
+        in_val = [_band(splits.position("c0", i, seed)) == "val" for i in ids]
+        if any(in_val) and not all(in_val):  # else an image stands in for the empty split
+            assert [s == "val" for s in got] == in_val, seed  # the val band's images only: the test band's stay train
+
+
+@pytest.mark.parametrize(
+    ("n", "carve", "hint"),
+    [
+        (2, None, r"splitting it into train, test, val needs at least 3\. Add images, or give explicit train/ val/"),
+        (1, ("val",), r"carving val out of train/ needs at least 2 \(train, val\)\. Add images of class 'c0' under "
+         r"train/, or add a val/ folder"),
+        (2, ("val", "test"), r"carving test and val out of train/ needs at least 3 \(train, test, val\)\. Add images "
+         r"of class 'c0' under train/, or add test/ and val/ folders"),
+    ],
+)  # fmt: skip
+def test_a_class_too_small_to_split_or_carve_gets_the_fitting_hint(n: int, carve: tuple[str, ...], hint: str):
+    ids, names = folder(n, classes=1)
+    with pytest.raises(PipelineError, match=f"class 'c0' has {n} image\\(s\\)[^:]*: {hint}"):
+        splits.assign(ids, names, val_fraction=0.1, test_fraction=0.2, seed=0, carve=carve)
+
+
 def test_positions_are_uniform():
     ids, names = folder(20000)
     u = np.array([splits.position(c, i, 0) for i, c in zip(ids, names, strict=True)])
