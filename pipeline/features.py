@@ -108,7 +108,8 @@ class FeatureWriter:
     ) -> None:
         """``row_settings``: write each row's content key (``write(keys=…)``) and the row store they name."""
         missing = set(PROVENANCE_KEYS) - set(provenance)
-        assert not missing, f"provenance lacks {sorted(missing)}"
+        if missing:
+            raise ValueError(f"provenance lacks {sorted(missing)}")
         self.path = Path(path)
         self._tmp = self.path.with_name(self.path.name + ".partial")
         self._file = h5py.File(self._tmp, "w")

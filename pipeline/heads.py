@@ -57,7 +57,8 @@ def standardization(
         total = x.sum(0) if total is None else total + x.sum(0)
         squares = (x * x).sum(0) if squares is None else squares + (x * x).sum(0)
         n += len(x)
-    assert total is not None and squares is not None and n > 1, "standardisation needs at least two rows"
+    if total is None or squares is None or n < 2:
+        raise ValueError(f"standardisation needs at least two rows, not {n}")
     mean = total / n
     std = ((squares - n * mean * mean) / (n - 1)).clamp_min(0).sqrt()
     return mean.float(), torch.where(std > 1e-6, std, torch.ones_like(std)).float()
@@ -143,7 +144,8 @@ def fit_logreg(
         })  # fmt: skip
         if best is None or curves[-1]["val/acc"] > curves[best[0]]["val/acc"]:
             best = (len(curves) - 1, clf)
-    assert best is not None
+    if best is None:
+        raise ValueError("train.logreg_C lists no value of C")
     clf = best[1]
     weight, bias = np.zeros((num_classes, x_train.shape[1])), np.zeros(num_classes)
     if len(clf.classes_) == 2:  # binary: sigmoid(w.x + b) == softmax([0, w.x + b])
@@ -165,7 +167,8 @@ _SPEC_KEYS = ("head", "in_dim", "num_classes", "hidden", "dropout", "provenance"
 def save_head(path: Path, model: Classifier, spec: dict[str, Any]) -> None:
     """Write the head's state dict and its spec (architecture and the features' provenance) atomically."""
     missing = set(_SPEC_KEYS) - set(spec)
-    assert not missing, f"head spec lacks {sorted(missing)}"
+    if missing:
+        raise ValueError(f"head spec lacks {sorted(missing)}")
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     with replaced(path) as tmp:
         torch.save({"state_dict": state, "spec": spec}, tmp)

@@ -27,7 +27,8 @@ def knn_predict(
     """The k-NN class of each (N, D) test row, the training split given as consecutive blocks of (rows, D)
     features and (rows,) labels; with fewer than k training rows, all are neighbours. Ties in similarity go to
     the earlier training row, ties in votes to the lower class: the classes do not depend on the block sizes."""
-    assert k >= 1 and block_rows >= 1, f"k = {k} and block_rows = {block_rows}: both must be at least 1"
+    if k < 1 or block_rows < 1:
+        raise ValueError(f"k = {k} and block_rows = {block_rows}: both must be at least 1")
     queries = [_unit(test[a : a + block_rows], device) for a in range(0, len(test), block_rows)]
     # each block of test rows' candidates: a (rows, <= k) top k of similarities and training row numbers from each
     # block of training rows, merged into one once they are a block wide (rather than after every block: a merge

@@ -109,7 +109,14 @@ class RowStore:
         return out
 
     def append(self, keys: Sequence[bytes], blocks: Mapping[str, np.ndarray]) -> None:
-        """Rows of ``keys`` for each view in ``blocks``; they count once committed."""
+        """Rows of ``keys`` for each view in ``blocks``; they count once committed. A block that is not
+        (len(keys), dim) is refused before any view is written: its rows would slide every later row's offset."""
+        for view, block in blocks.items():
+            if np.shape(block) != (len(keys), self.dim) or any(len(k) != KEY_BYTES for k in keys):
+                raise ValueError(
+                    f"the row store {self.dir.name} takes rows of width {self.dim} under {KEY_BYTES}-byte keys, but "
+                    f"got a block of shape {np.shape(block)} for {len(keys)} keys in view {view!r}: nothing was written"
+                )
         for view, block in blocks.items():
             if view not in self._files:
                 self._own.mkdir(parents=True, exist_ok=True)

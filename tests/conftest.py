@@ -70,6 +70,17 @@ def color_image(rng: np.random.Generator, label: int, size: int = 12, mode: str 
     return Image.fromarray(pixels).convert(mode)
 
 
+@pytest.fixture(scope="session")
+def pngs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Two PNG photos of other sizes than any crop, as a user would have."""
+    folder = tmp_path_factory.mktemp("pngs")
+    rng = np.random.default_rng(0)
+    paths = [folder / f"{i}.png" for i in range(2)]
+    for i, path in enumerate(paths):
+        color_image(rng, i, size=280 + 20 * i).resize((300, 250 + 20 * i)).save(path)
+    return paths
+
+
 def make_imagefolder(
     root: Path, classes: tuple[str, ...] = ("cat", "dog"), per_class: int = 10, *, seed: int = 0, ext: str = ".png"
 ) -> Path:

@@ -11,7 +11,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import timm
 import timm.data
@@ -21,16 +20,33 @@ from PIL import Image
 from torch import nn
 
 from pipeline import backbones, features
-from pipeline.backbones.base import Preprocessing
+from pipeline.backbones.base import Output, Pool, Preprocessing, choose_pool
 from pipeline.config import ExtractConfig
 from pipeline.errors import PipelineError
 from pipeline.images import open_image
-from tests.conftest import color_image, run, write_params
+from tests.conftest import run, write_params
 
-# (arch, image_size): a torchvision CNN, torchvision's ViT and a timm ViT (random weights, on the CPU); the project's
-# own vgg11 is the first run. ViT-B/32 takes ViT-B/16's path at a quarter of its work; EfficientNet's cut is
-# checked in tests/test_zoo.py, its features in test_fp32_features_equal_torchvision_s_own_model_and_transforms.
-SWEEPS = {"cnn": [("resnet50", 32)], "vit": [("timm/test_vit", "auto"), ("vit_b_32", "auto")]}  # first: bare export
+# Each family through dvc repro, with its contract's hard cases (random weights, on the CPU): fine-tuned files
+# whose classifier has another size (a DDP checkpoint dict, a 2-way VGG, timm models of 10 classes), a timm ViT
+# with a register token and no class token, a timm NHWC model (MambaOut) and a timm CNN's stage. The project's own
+# vgg11 is the first run. ViT-B/32 takes ViT-B/16's path at a quarter of its work; EfficientNet's cut is checked in
+# tests/test_zoo.py. Each run: (extract params, the layer and pool it resolves to); the first of each: bare export.
+SWEEPS = {
+    "cnn": [({"arch": "resnet18", "image_size": 32, "weights": "resnet18-ddp.pth"}, ("penultimate", "flatten")),
+            ({"arch": "vgg11", "image_size": 32, "weights": "vgg11-two.pth", "layer": "fc7"}, ("fc7", "flatten"))],
+    "vit": [({"arch": "timm/test_vit4", "weights": "test_vit4-ten.pth", "pool": "mean"}, ("penultimate", "mean")),
+            ({"arch": "vit_b_32"}, ("penultimate", "flatten"))],
+    "timm-cnn": [({"arch": "timm/test_mambaout", "pool": "max"}, ("penultimate", "max")),
+                 ({"arch": "timm/test_convnext", "weights": "test_convnext-ten.pth", "layer": "stage3", "pool": "max"},
+                  ("stage3", "max"))],
+}  # fmt: skip
+FINE_TUNED = {  # file: the model, fine-tuned (random here) on classes of the user's own, as training saves it
+    "resnet18-ddp.pth": lambda: {"model": {f"module.{k}": v for k, v in torchvision.models.resnet18(
+        num_classes=10).state_dict().items()}, "epoch": 30},
+    "vgg11-two.pth": lambda: torchvision.models.vgg11(num_classes=2).state_dict(),
+    "test_vit4-ten.pth": lambda: timm.create_model("test_vit4", num_classes=10).state_dict(),
+    "test_convnext-ten.pth": lambda: {"state_dict": timm.create_model("test_convnext", num_classes=10).state_dict()},
+}  # fmt: skip
 BARE = """
 import json, sys, torch
 program = torch.export.load(sys.argv[1] + "/model.pt2").module()
@@ -38,8 +54,11 @@ print(json.dumps(program(torch.load(sys.argv[2])).tolist()))
 """
 
 
-def repro(project: Path, arch: str, size: int | str) -> list[str]:
-    write_params(project, {"extract": {"arch": arch, "image_size": size}})
+def repro(project: Path, params: dict) -> list[str]:
+    if "weights" in params and params["weights"] in FINE_TUNED and not (project / params["weights"]).exists():
+        torch.save(FINE_TUNED[params["weights"]](), project / params["weights"])
+    extract = {"weights": "random", "layer": "auto", "pool": "auto", "image_size": "auto"} | params
+    write_params(project, {"extract": extract})
     return re.findall(r"Running stage '(\w+)'", run(project, "dvc", "repro").stdout)
 
 
@@ -71,17 +90,21 @@ def predict_and_export(project: Path, out: Path, *, bare: bool) -> None:
 
 
 @pytest.mark.parametrize("family", list(SWEEPS))
-def test_a_sweep_over_backbones_runs_every_family_through_and_back(reproduced: Path, family: str):
-    for i, (arch, size) in enumerate(SWEEPS[family]):
-        assert repro(reproduced, arch, size) == ["scan", "extract", "train", "evaluate"], arch
+def test_a_sweep_over_backbones_runs_every_family_through_and_back(
+    reproduced: Path, family: str, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.chdir(reproduced)  # predict and export rebuild the backbone with its weights file, as recorded
+    for i, (params, resolved) in enumerate(SWEEPS[family]):
+        assert repro(reproduced, params) == ["scan", "extract", "train", "evaluate"], params
         prov = features.read_provenance(reproduced / "data" / "features" / "train.h5")
-        assert (prov["arch"], prov["layer"], prov["pool"]) == (arch, "penultimate", "flatten")
+        assert (prov["arch"], prov["layer"], prov["pool"]) == (params["arch"], *resolved)
+        assert prov["weights_source"].startswith(f"file {params['weights']} ") if "weights" in params else True
         metrics = json.loads((reproduced / "reports" / "evaluate" / "metrics.json").read_text())
-        assert 0 <= metrics["knn_acc"] <= 1 and 0 <= metrics["accuracy"] <= 1, (arch, metrics)
+        assert 0 <= metrics["knn_acc"] <= 1 and 0 <= metrics["accuracy"] <= 1, (params, metrics)
         predict_and_export(reproduced, reproduced / "models" / f"export-{i}", bare=i == 0)
     assert '"knn_acc"' in run(reproduced, "dvc", "exp", "show", "--json").stdout
     if family == "cnn":  # back to the project's VGG: its features come back from DVC's run cache, its rows are kept
-        assert repro(reproduced, "vgg11", 32) == ["scan", "train", "evaluate"]
+        assert repro(reproduced, {"arch": "vgg11", "image_size": 32}) == ["scan", "train", "evaluate"]
         run(reproduced, "python", "-m", "pipeline.extract")
         extracted = json.loads((reproduced / "reports" / "extract" / "metrics.json").read_text())
         assert (extracted["extracted"], extracted["reused"]) == (0, 30)
@@ -126,17 +149,6 @@ def test_every_family_has_the_one_interface():
     assert [backbones.family(a).__name__.rsplit(".", 1)[1] for a in ("vgg16", "resnet50", "timm/x")] == [
         "vgg", "zoo", "timm_models",
     ]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def pngs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    """Two PNG photos of other sizes than any crop, as a user would have."""
-    folder = tmp_path_factory.mktemp("pngs")
-    rng = np.random.default_rng(0)
-    paths = [folder / f"{i}.png" for i in range(2)]
-    for i, path in enumerate(paths):
-        color_image(rng, i, size=280 + 20 * i).resize((300, 250 + 20 * i)).save(path)
-    return paths
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -199,10 +211,88 @@ def test_a_stage_is_the_output_of_the_cnn_s_own_block():
     ("arch", "layers"),
     [("resnet50", ["penultimate", "stage1", "stage2", "stage3", "stage4"]),
      ("convnext_tiny", ["penultimate", "stage1", "stage2", "stage3", "stage4"]),
-     ("vit_b_16", ["penultimate"]), ("swin_t", ["penultimate"]), ("timm/test_vit", ["penultimate"])],
+     ("vit_b_16", ["penultimate"]), ("swin_t", ["penultimate"]), ("timm/test_vit", ["penultimate"]),
+     ("timm/test_convnext", ["penultimate", "stage1", "stage2", "stage3", "stage4"]),
+     ("timm/test_resnet", ["penultimate", "stage1", "stage2", "stage3", "stage4"])],
 )  # fmt: skip
 def test_the_layer_vocabulary(arch: str, layers: list[str]):
     assert list(backbones.family(arch).layers(arch)) == layers
+
+
+def timm_reference(name: str, x: torch.Tensor, extractor) -> tuple[torch.nn.Module, torch.Tensor]:
+    """timm's own model, seeded as `random` weights are, and its forward_features of uint8 images ``x``."""
+    torch.manual_seed(0)
+    model = timm.create_model(name).eval()
+    with torch.inference_mode():
+        return model, model.forward_features((x.float() - extractor.mean) / extractor.std)
+
+
+@pytest.mark.parametrize("name", ["test_convnext", "test_mambaout"])  # NCHW, and NHWC (MambaOut: (B, H, W, C))
+@pytest.mark.parametrize("pool", ["auto", "avg", "max", "flatten", "cls", "mean"])
+def test_a_timm_cnn_takes_every_map_pool_and_refuses_the_token_pools(name: str, pool: str):
+    """Regression: `mean` averaged a CNN's (B, C, H, W) map over its channels, giving H-wide rows that the store
+    took (misaligned). Every pool of a map acts on NCHW and NHWC maps alike, to the same width."""
+    if pool in ("cls", "mean"):
+        with pytest.raises(PipelineError) as err:
+            build(f"timm/{name}", pool=pool, image_size="auto")
+        assert "\n" not in str(err.value) and "expected auto | flatten | avg | max" in str(err.value)
+        return
+    extractor, prep, info = build(f"timm/{name}", pool=pool, image_size="auto")
+    x = torch.randint(0, 256, (2, 3, prep.crop_size, prep.crop_size), dtype=torch.uint8)
+    model, fmap = timm_reference(name, x, extractor)
+    fmap = fmap.permute(0, 3, 1, 2) if getattr(model, "output_fmt", "NCHW") == "NHWC" else fmap  # (B, C, H, W)
+    with torch.inference_mode():
+        if pool in ("auto", "flatten"):  # the model's own pre-logits: a vector, which flatten takes as it is
+            want = model.forward_head(model.forward_features((x.float() - extractor.mean) / extractor.std), True)
+        else:
+            want = fmap.mean((2, 3)) if pool == "avg" else fmap.amax((2, 3))
+        torch.testing.assert_close(extractor(x), want, rtol=1e-5, atol=1e-6)
+    assert info["feature_dim"] == want.shape[1]
+
+
+@pytest.mark.parametrize(("layer", "pool"), [("stage2", "flatten"), ("stage4", "avg")])
+def test_an_nhwc_model_s_stage_maps_pool_as_nchw_ones(layer: str, pool: str):
+    """MambaOut's blocks run NHWC; its stages come NCHW from timm's forward_intermediates, at strides 8 and 32."""
+    extractor, prep, info = build("timm/test_mambaout", layer=layer, pool=pool, image_size="auto")
+    x = torch.randint(0, 256, (2, 3, prep.crop_size, prep.crop_size), dtype=torch.uint8)
+    torch.manual_seed(0)
+    model = timm.create_model("test_mambaout").eval()
+    index = {"stage2": 1, "stage4": 3}[layer]
+    with torch.inference_mode():
+        fmap = model.forward_intermediates((x.float() - extractor.mean) / extractor.std, indices=[index],
+                                           intermediates_only=True)[0]  # fmt: skip
+        want = fmap.flatten(1) if pool == "flatten" else fmap.mean((2, 3))
+        torch.testing.assert_close(extractor(x), want, rtol=1e-5, atol=1e-6)
+    assert fmap.shape[-1] == prep.crop_size // {"stage2": 8, "stage4": 32}[layer]
+
+
+def test_the_nhwc_pool_gives_the_nchw_rows():
+    nchw = torch.randn(2, 5, 3, 4)
+    for pool in ("avg", "max", "flatten"):
+        want = Pool(pool, Output("map"))(nchw)
+        torch.testing.assert_close(Pool(pool, Output("map", layout="NHWC"))(nchw.permute(0, 2, 3, 1)), want)
+
+
+def test_registers_without_a_class_token_refuse_cls_and_mean_averages_the_patch_tokens_alone():
+    """Regression: `cls` on a ViT with a register token but no class token returned the register token."""
+    with pytest.raises(PipelineError, match=r"tokens without a class token: expected auto \| flatten \| mean$"):
+        build("timm/test_vit4", pool="cls", image_size="auto")
+    extractor, prep, _ = build("timm/test_vit4", pool="mean", image_size="auto")
+    x = torch.randint(0, 256, (2, 3, prep.crop_size, prep.crop_size), dtype=torch.uint8)
+    model, tokens = timm_reference("test_vit4", x, extractor)
+    assert (model.num_prefix_tokens, model.has_class_token) == (1, False)
+    with torch.inference_mode():
+        torch.testing.assert_close(extractor(x), tokens[:, 1:].mean(1), rtol=1e-5, atol=1e-6)
+
+
+def test_every_pool_is_chosen_in_one_place_from_what_the_cut_outputs():
+    vector, tokens = Output("vector"), Output("tokens", class_token=True, prefix=1)
+    assert choose_pool("auto", [vector, tokens], "x") == (0, "flatten")
+    assert choose_pool("mean", [vector, tokens], "x") == (1, "mean")
+    assert choose_pool("auto", [Output("tokens", prefix=4)], "x") == (0, "mean")
+    assert choose_pool("auto", [Output("map", layout="NHWC")], "x") == (0, "avg")
+    with pytest.raises(PipelineError, match="which outputs a vector or tokens: expected auto | flatten | cls | mean"):
+        choose_pool("max", [vector, tokens], "x")
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "timm/test_convnext"])

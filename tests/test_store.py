@@ -269,3 +269,15 @@ def test_a_store_opened_during_a_compaction_reads_the_compacted_rows(tmp_path: P
     assert (signals / "open.txt").read_text() == "read every row"
     store = RowStore(store_dir, segment=0, dim=DIM, dtype="float32")
     np.testing.assert_array_equal(store.read("original", [key(i) for i in range(1, 8)]), rows(*range(1, 8)))
+
+
+@pytest.mark.parametrize("shape", [(2, DIM + 1), (3, DIM), (2,), (2, DIM, 1)])
+def test_a_block_of_another_shape_is_refused_before_any_view_is_written(tmp_path: Path, shape: tuple[int, ...]):
+    """Regression: a (B, H, W) block from a wrong pool was written whole, sliding every later row's offset."""
+    store = RowStore(tmp_path, segment=0, dim=DIM, dtype="float16")
+    with pytest.raises(ValueError, match=rf"rows of width {DIM} .* a block of shape \(.*\) for 2 keys"):
+        store.append([key(1), key(2)], {"original": rows(1, 2), "hflip": np.zeros(shape, np.float32)})
+    store.commit()
+    store.close()
+    assert not any(p.stat().st_size for p in tmp_path.rglob("*.bin"))
+    assert not any(RowStore(tmp_path, segment=0, dim=DIM, dtype="float16", quiet=True).index.values())

@@ -13,7 +13,8 @@ from torch import nn
 from torchvision.models import VGG11_Weights, VGG16_Weights
 
 from pipeline import backbones
-from pipeline.backbones import vgg
+from pipeline.backbones import vgg, weights
+from pipeline.backbones.base import Cut, Output
 from pipeline.config import ExtractConfig
 from pipeline.errors import PipelineError
 from tests.conftest import cached_hub_weights, color_image
@@ -72,7 +73,8 @@ def test_fp32_features_equal_plain_torchvision_on_the_preset_tensors(vgg11):
     """uint8 crop in the worker + normalisation on the device == the weights' own transform, then VGG."""
     image = color_image(np.random.default_rng(0), 2, size=90)
     prep = vgg.preprocessing("vgg11", 64)
-    ours = backbones.FeatureExtractor(vgg.cut(vgg11, "pool5"), "avg", prep).eval()
+    cut = Cut(vgg.cut(vgg11, "pool5"), Output("map"), "pool5", "avg", prep, weights.RANDOM)
+    ours = backbones.FeatureExtractor(cut).eval()
     preset = VGG11_Weights.IMAGENET1K_V1.transforms(crop_size=64, resize_size=prep.resize_size)
     with torch.inference_mode():
         got = ours(prep.to_uint8(image)[None])

@@ -1,6 +1,8 @@
 """Frozen backbones behind one interface: a family module builds a model cut at a layer, with its weights and
 the preprocessing of its own metadata. Adding a family is one module with ``claims``, ``names``, ``layers``
-and ``build`` (see :class:`pipeline.backbones.base.Cut`), listed in FAMILIES.
+and ``build``, listed in FAMILIES. ``build`` returns a :class:`pipeline.backbones.base.Cut` that reports what the
+cut outputs (an ``Output``: map, vector or tokens, its layout, class and register tokens); the pool is chosen,
+checked and run in ``base`` from that report, and weights files load through ``weights`` alone.
 
 - ``vgg``: torchvision's VGGs by a table of layers (pool1 … pool5, fc6, fc7), as this project began;
 - ``zoo``: every other classification model of torchvision's registry, cut by ``create_feature_extractor``;
@@ -55,9 +57,7 @@ def build_extractor(
     of it: the layer and pool resolved, the feature width, the weights, and the libraries that made it."""
     fam = family(cfg.arch)
     cut: Cut = fam.build(cfg, seed)
-    extractor = FeatureExtractor(cut.body, cut.pool, cut.prep, precision, cut.prefix_tokens)
-    extractor = extractor.eval().requires_grad_(False)
-    assert not any(m.training for m in extractor.modules())  # BatchNorm and dropout in eval mode, always
+    extractor = FeatureExtractor(cut, precision).eval().requires_grad_(False)  # BatchNorm, dropout: eval mode
     dim = _width(extractor, cfg.arch, cut.prep)
     info = {"layer": cut.layer, "pool": cut.pool, "image_size": cut.prep.crop_size, "feature_dim": dim}
     return extractor, cut.prep, info | cut.weights | cut.versions
@@ -80,6 +80,8 @@ def _width(extractor: FeatureExtractor, arch: str, prep: Preprocessing) -> int:
             f"{arch} does not take {prep.crop_size}-pixel images ({type(err).__name__}: {err}): set "
             "extract.image_size: auto, its own size"
         ) from None
+    if out.dim() != 2 or len(out) != 1:  # the contract: a family's Output and the pool give one row an image
+        raise RuntimeError(f"{arch}: one image gave features of shape {tuple(out.shape)}, not (1, D)")
     return int(out.shape[1])
 
 

@@ -1,15 +1,12 @@
-"""What every backbone family shares: preprocessing from the model's metadata, the image dataset, the frozen
-extractor (normalise, run the cut network, pool), and weight files."""
+"""What every backbone family shares: preprocessing from the model's metadata, the image dataset, and the
+contract of a cut: the family reports what its cut outputs (:class:`Output`), and the pools are chosen, checked
+and run here alone, in the frozen extractor (normalise, run the cut network, pool). Weights: ``weights``."""
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
-import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,8 +20,8 @@ from pipeline.images import IMAGE_ERRORS
 
 log = logging.getLogger(__name__)
 
-DOWNLOAD_TIMEOUT_S = 15
-# What a cut network outputs, and the pools that apply to it: maps (B, C, H, W), vectors (B, D), tokens (B, N, C)
+# What a cut network outputs, and the pools that apply to it, the default first: maps (B, C, H, W), vectors
+# (B, D), tokens (B, N, C)
 POOLS = {"map": ("avg", "max", "flatten"), "vector": ("flatten",), "tokens": ("cls", "mean")}
 
 
@@ -88,29 +85,81 @@ class Images(Dataset):
 # ---------------------------------------------------------------------------- the network
 
 
+@dataclass(frozen=True)
+class Output:
+    """What a cut network outputs, as its family reports it: the pools that fit follow from this alone."""
+
+    kind: str  # map (B, C, H, W) | vector (B, D) | tokens (B, N, C)
+    layout: str = "NCHW"  # a map's axes: NCHW, or NHWC (Swin, MambaOut); pooled alike, to the same width
+    class_token: bool = False  # tokens: token 0 is a class token
+    prefix: int = 0  # tokens: the class and register tokens before the patch tokens
+
+    def __post_init__(self) -> None:
+        if self.kind not in POOLS or self.layout not in ("NCHW", "NHWC"):
+            raise ValueError(f"an output is map | vector | tokens, NCHW | NHWC, not {self.kind} {self.layout}")
+
+    @property
+    def pools(self) -> tuple[str, ...]:
+        """cls needs a class token: a ViT with registers alone has none (timm's ``*_reg*_gap``)."""
+        return tuple(p for p in POOLS[self.kind] if p != "cls" or self.class_token)
+
+    def describe(self) -> str:
+        if self.kind == "tokens":
+            return "tokens" if self.class_token else "tokens without a class token"
+        return {"map": "a feature map", "vector": "a vector"}[self.kind]
+
+
+def choose_pool(pool: str, outputs: Sequence[Output], where: str) -> tuple[int, str]:
+    """Which of a layer's outputs ``extract.pool`` takes, and the pool resolved: the first output that the pool
+    fits (auto: the first output, avg on a map, flatten on a vector, cls on tokens with a class token, else
+    mean). A pool that fits none is refused in one line with the valid ones."""
+    if pool == "auto":
+        return 0, outputs[0].pools[0]
+    for index, output in enumerate(outputs):
+        if pool in output.pools:
+            return index, pool
+    valid = dict.fromkeys(p for output in outputs for p in output.pools)
+    kinds = " or ".join(dict.fromkeys(output.describe() for output in outputs))
+    raise PipelineError(
+        f"extract.pool = {pool!r} is not valid for {where}, which outputs {kinds}: expected auto | {' | '.join(valid)}"
+    )
+
+
+class Pool(nn.Module):
+    """(B, …) -> (B, D), as ``pool`` reads ``output``: avg or max over a map's positions, or its C x H x W values
+    in NCHW order (NHWC maps alike); a vector as it is; a class token, or the mean of the patch tokens alone (the
+    tokens after the class and register tokens, as timm's ``global_pool='avg'``)."""
+
+    def __init__(self, pool: str, output: Output) -> None:
+        super().__init__()
+        if pool not in output.pools:
+            raise ValueError(f"pool {pool!r} does not fit {output}")
+        self.pool, self.output = pool, output
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kind, pool = self.output.kind, self.pool
+        if kind == "tokens":
+            return x[:, 0] if pool == "cls" else x[:, self.output.prefix :].mean(dim=1)
+        if kind == "map" and self.output.layout == "NHWC":
+            x = x.permute(0, 3, 1, 2)  # (B, H, W, C) -> (B, C, H, W)
+        if pool == "avg":  # the adaptive pools, as before this class: a row's bits stay those of its store
+            return nn.functional.adaptive_avg_pool2d(x, 1).flatten(1)
+        if pool == "max":
+            return nn.functional.adaptive_max_pool2d(x, 1).flatten(1)
+        return x.flatten(1)
+
+
 @dataclass
 class Cut:
-    """A family's network cut at a layer: normalised float images -> ``output`` (map, vector or tokens)."""
+    """A family's network cut at a layer: normalised float images -> ``output``."""
 
     body: nn.Module
-    output: str  # map | vector | tokens
+    output: Output
     layer: str  # the layer resolved (auto -> pool5 or penultimate)
     pool: str  # the pool resolved (auto -> avg on a map, flatten on a vector)
     prep: Preprocessing
     weights: dict[str, str]  # weights, weights_source
-    prefix_tokens: int = 0  # tokens: the class (and register) tokens before the patch tokens
     versions: dict[str, str] = field(default_factory=dict)  # libraries besides torch that make the rows
-
-
-class TokenPool(nn.Module):
-    """(B, N, C) tokens -> (B, C): the class token, or the mean of the patch tokens (those after the prefix)."""
-
-    def __init__(self, pool: str, prefix_tokens: int) -> None:
-        super().__init__()
-        self.pool, self.prefix_tokens = pool, prefix_tokens
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return tokens[:, 0] if self.pool == "cls" else tokens[:, self.prefix_tokens :].mean(dim=1)
 
 
 class FeatureExtractor(nn.Module):
@@ -120,18 +169,13 @@ class FeatureExtractor(nn.Module):
     autocast, fp32 exact), and pooling happens on the device before anything is copied back.
     """
 
-    def __init__(self, body: nn.Module, pool: str, prep: Preprocessing, precision: str = "fp32", prefix: int = 0):
+    def __init__(self, cut: Cut, precision: str = "fp32"):
         super().__init__()
-        self.body = body
-        pools = {
-            "avg": lambda: nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1)),
-            "max": lambda: nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.Flatten(1)),
-            "flatten": lambda: nn.Flatten(1),
-        }
-        self.pool = pools[pool]() if pool in pools else TokenPool(pool, prefix)
+        self.body = cut.body
+        self.pool = Pool(cut.pool, cut.output)
         self.precision = precision
-        self.register_buffer("mean", torch.tensor(prep.mean).view(1, 3, 1, 1) * 255)
-        self.register_buffer("std", torch.tensor(prep.std).view(1, 3, 1, 1) * 255)
+        self.register_buffer("mean", torch.tensor(cut.prep.mean).view(1, 3, 1, 1) * 255)
+        self.register_buffer("std", torch.tensor(cut.prep.std).view(1, 3, 1, 1) * 255)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = (images.float() - self.mean) / self.std  # same as (x / 255 - mean) / std
@@ -141,19 +185,6 @@ class FeatureExtractor(nn.Module):
             return self.pool(self.body(x)).float()
 
 
-def resolve_pool(pool: str, output: str, where: str) -> str:
-    """``extract.pool`` for a cut with this output: auto picks avg on a map and the vector as it is."""
-    if pool == "auto":
-        return {"map": "avg", "vector": "flatten"}[output]
-    if pool not in POOLS[output]:
-        kind = {"map": "a feature map", "vector": "a vector", "tokens": "tokens"}[output]
-        raise PipelineError(
-            f"extract.pool = {pool!r} is not valid for {where}, which outputs {kind}: expected auto | "
-            + " | ".join(POOLS[output])
-        )
-    return pool
-
-
 def choose_layer(layer: str, valid: Sequence[str], arch: str) -> str:
     """``extract.layer`` checked against the model's layers (auto: the first, its default)."""
     if layer == "auto":
@@ -161,60 +192,3 @@ def choose_layer(layer: str, valid: Sequence[str], arch: str) -> str:
     if layer not in valid:
         raise PipelineError(f"extract.layer = {layer!r} is not a layer of {arch}: expected auto | {' | '.join(valid)}")
     return layer
-
-
-# ---------------------------------------------------------------------------- weight files
-
-
-def torch_load(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors only (``weights_only``), memory-mapped where the file format allows: layers past the cut are
-    never read from disk."""
-    try:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as err:
-            if "mmap" not in str(err):
-                raise
-            state = torch.load(path, map_location="cpu", weights_only=True)  # legacy (pre-zip) format
-    except Exception as err:  # torch raises many types for a damaged or foreign file
-        raise PipelineError(f"{path} is not a loadable state dict: {err}") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise PipelineError(f"{path} does not hold a state dict (a mapping of parameter names to tensors)")
-    return state
-
-
-def state_file(spec: str) -> tuple[Path, dict[str, str]]:
-    """The state-dict file that ``extract.weights`` names, and its provenance (by content)."""
-    path = Path(spec)
-    if not path.is_file():
-        raise PipelineError(
-            f"extract.weights = {spec!r} is not valid: expected imagenet | random | the path of a state-dict file"
-        )
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    return path, {"weights": spec, "weights_source": f"file {path.name} sha256:{digest}"}
-
-
-def hub_checkpoint(url: str) -> Path:
-    """The torch hub cache's copy of ``url``; downloaded only when absent, failing fast when that is impossible."""
-    cache_dir = Path(torch.hub.get_dir()) / "checkpoints"
-    filename = os.path.basename(url)
-    cached = cache_dir / filename
-    if cached.is_file():
-        return cached
-    log.info("downloading %s to %s", url, cache_dir)
-    previous = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)  # bounds connect and stalled reads, not a slow download
-    try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        match = torch.hub.HASH_REGEX.search(filename)  # vgg16-397923af.pth -> 397923af
-        torch.hub.download_url_to_file(url, str(cached), hash_prefix=match.group(1) if match else None)
-    except (OSError, RuntimeError) as err:
-        raise PipelineError(
-            f"ImageNet weights {filename} are not in the torch hub cache and could not be downloaded "
-            f"({type(err).__name__}: {err}). Either put {filename} in {cache_dir}/ (set TORCH_HOME to move "
-            "that cache), or set extract.weights to the path of a local state-dict file, or run offline "
-            "with extract.weights: random (make repro WEIGHTS=random)"
-        ) from None
-    finally:
-        socket.setdefaulttimeout(previous)
-    return cached

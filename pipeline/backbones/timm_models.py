@@ -1,36 +1,34 @@
 """timm's models, as ``extract.arch: timm/<name>`` (the optional ``timm`` extra).
 
-The cut is timm's own: ``penultimate`` is ``forward_head(forward_features(x), pre_logits=True)``, the model's
-pre-logits with its own pooling; a ViT's tokens (``forward_features``) pool as ``cls`` or ``mean`` instead.
+Layers: ``penultimate``, timm's own pre-logits (``forward_head(forward_features(x), pre_logits=True)``) with
+the model's own pooling, or, with another pool, its ``forward_features``: a ViT's tokens (``cls``, ``mean``) or
+a CNN's last map (``avg``, ``max``); and on a CNN (whose ``feature_info`` has strides 4 to 32), ``stage1`` …
+``stage4``: the map at stride 4, 8, 16 and 32 from timm's ``forward_intermediates``, the layers past it pruned.
 ImageNet weights are the model's pretrained tag, from the Hugging Face cache.
 """
 
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib.util
 import math
 import os
-import socket
+import sys
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from pipeline.backbones.base import (
-    DOWNLOAD_TIMEOUT_S,
-    Cut,
-    Preprocessing,
-    choose_layer,
-    resolve_pool,
-    scaled,
-    state_file,
-)
+from pipeline.backbones import weights
+from pipeline.backbones.base import Cut, Output, Preprocessing, choose_layer, choose_pool, scaled
 from pipeline.config import ExtractConfig
 from pipeline.errors import PipelineError
 
 PREFIX = "timm/"
-LAYERS = ("penultimate",)
+PENULTIMATE = "penultimate"
+STAGE_STRIDES = {f"stage{k}": 2 ** (k + 1) for k in range(1, 5)}  # stage1 … stage4: strides 4 … 32, as zoo's
 
 
 def claims(arch: str) -> bool:
@@ -46,7 +44,7 @@ def names() -> list[str]:
 
 
 def layers(arch: str) -> tuple[str, ...]:
-    return LAYERS
+    return (PENULTIMATE, *facts(arch).stages)
 
 
 def _timm() -> Any:
@@ -57,6 +55,40 @@ def _timm() -> Any:
             "extract.arch names a timm model, but timm is not installed: pip install -e '.[timm]'"
         ) from None
     return timm
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What a timm model's cuts output, read off the model built on the meta device (no weights, no compute)."""
+
+    features: Output  # forward_features: tokens (B, N, C) or a map, NCHW or NHWC
+    stages: dict[str, int]  # stageK -> its index in forward_intermediates (and feature_info)
+
+
+@functools.cache
+def facts(arch: str) -> Facts:
+    timm, name = _timm(), _name(arch)
+    with torch.device("meta"):
+        model = timm.create_model(name, pretrained=False).eval()
+    size = timm.data.resolve_data_config({}, model=model)["input_size"]
+    with torch.no_grad():
+        shape = model.forward_features(torch.empty(1, *size, device="meta")).shape
+    if len(shape) == 3:
+        prefix = int(getattr(model, "num_prefix_tokens", 0))
+        has_class = getattr(model, "has_class_token", getattr(model, "cls_token", None) is not None)
+        features = Output("tokens", class_token=bool(has_class) and prefix > 0, prefix=prefix)
+    else:
+        features = Output("map", layout=str(getattr(model, "output_fmt", "NCHW")))
+    return Facts(features, _stages(model))
+
+
+def _stages(model: nn.Module) -> dict[str, int]:
+    """stageK: the last of timm's feature taps at stride 2^(K+1), on models that taps at strides 4 to 32 (CNNs and
+    hierarchical transformers; a ViT's taps all have its patch stride)."""
+    taps = [int(info["reduction"]) for info in getattr(model, "feature_info", [])]
+    if not hasattr(model, "forward_intermediates") or not set(STAGE_STRIDES.values()) <= set(taps):
+        return {}
+    return {layer: max(i for i, r in enumerate(taps) if r == stride) for layer, stride in STAGE_STRIDES.items()}
 
 
 class PreLogits(nn.Module):
@@ -71,7 +103,7 @@ class PreLogits(nn.Module):
 
 
 class Features(nn.Module):
-    """The model's ``forward_features``: a ViT's normalised tokens (B, N, C)."""
+    """The model's ``forward_features``: a ViT's normalised tokens (B, N, C), or a CNN's last map."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -81,24 +113,59 @@ class Features(nn.Module):
         return self.model.forward_features(x)
 
 
+class Stage(nn.Module):
+    """One map of timm's ``forward_intermediates`` (NCHW, without a norm), the layers past it pruned."""
+
+    def __init__(self, model: nn.Module, index: int) -> None:
+        super().__init__()
+        model.prune_intermediate_layers([index], prune_norm=True, prune_head=True)
+        self.model, self.index = model, index
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        taps = self.model.forward_intermediates(x, indices=[self.index], intermediates_only=True, stop_early=True)
+        return taps[0]
+
+
 def build(cfg: ExtractConfig, seed: int) -> Cut:
-    """The timm model with its weights, cut at its pre-logits or its tokens, on the CPU."""
-    timm, name = _timm(), cfg.arch.removeprefix(PREFIX)
+    """The timm model with its weights, cut at ``extract.layer``, on the CPU."""
+    timm, name = _timm(), _name(cfg.arch)
+    found = facts(cfg.arch)
+    layer = choose_layer(cfg.layer, layers(cfg.arch), cfg.arch)
+    outputs = [Output("vector"), found.features] if layer == PENULTIMATE else [Output("map")]
+    chosen, pool = choose_pool(cfg.pool, outputs, f"{cfg.arch} {layer}")
+    if cfg.weights == "imagenet":
+        model, info = _pretrained(timm, name), weights.imagenet(f"timm {_tag(timm, name)}")
+    else:
+        torch.manual_seed(seed)  # `random` weights are a function of the seed
+        model, info = timm.create_model(name, pretrained=False), weights.RANDOM
+    classifier, known = model.get_classifier(), list(model.state_dict())
+    dropped = [m for m in (classifier if isinstance(classifier, tuple) else (classifier,)) if isinstance(m, nn.Module)]
+    if layer != PENULTIMATE:
+        body = Stage(model, found.stages[layer])  # prunes the model: the file may hold what it pruned
+    else:
+        body = PreLogits(model) if chosen == 0 else Features(model)
+    if cfg.weights not in ("imagenet", "random"):
+        info = weights.from_file(cfg.weights, model, body, target=f"{cfg.arch} {layer}", dropped=dropped,
+                                 adapt=_converter(model), known=known)  # fmt: skip
+    versions = {"timm_version": timm.__version__}
+    return Cut(body.eval(), outputs[chosen], layer, pool, preprocessing(model, cfg.image_size), info, versions)
+
+
+def _name(arch: str) -> str:
+    """The timm model's name; an unknown one is refused with the closest names."""
+    timm, name = _timm(), arch.removeprefix(PREFIX)
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models(pretrained=True) + timm.list_models(), n=5)
         hint = f": did you mean {', '.join(PREFIX + c for c in dict.fromkeys(close))}?" if close else ""
-        raise PipelineError(f"extract.arch = {cfg.arch!r} is not a model of timm {timm.__version__}{hint}")
-    layer = choose_layer(cfg.layer, LAYERS, cfg.arch)
-    tokens = cfg.pool in ("cls", "mean")
-    output = "tokens" if tokens else "vector"
-    pool = resolve_pool(cfg.pool, output, f"{cfg.arch} {layer}")
-    model, info = _weighted(timm, name, cfg.weights, seed)
-    if tokens and not getattr(model, "num_prefix_tokens", 0) and pool == "cls":
-        raise PipelineError(f"extract.pool = 'cls' is not valid for {cfg.arch}: it has no class token; use mean")
-    body = Features(model) if tokens else PreLogits(model)
-    prefix = getattr(model, "num_prefix_tokens", 0)
-    versions = {"timm_version": timm.__version__}
-    return Cut(body, output, layer, pool, preprocessing(model, cfg.image_size), info, prefix, versions)
+        raise PipelineError(f"extract.arch = {arch!r} is not a model of timm {timm.__version__}{hint}")
+    return name
+
+
+def _converter(model: nn.Module) -> Any:
+    """The model module's ``checkpoint_filter_fn``, which timm applies to its own pretrained files (original
+    releases' names, a position embedding of another grid), as a function of the state dict alone."""
+    convert = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
+    return None if convert is None else functools.partial(convert, model=model)
 
 
 def preprocessing(model: nn.Module, image_size: int | str) -> Preprocessing:
@@ -114,31 +181,15 @@ def preprocessing(model: nn.Module, image_size: int | str) -> Preprocessing:
     return scaled(own, image_size)
 
 
-def _weighted(timm: Any, name: str, weights: str, seed: int) -> tuple[nn.Module, dict[str, str]]:
-    if weights == "random":
-        torch.manual_seed(seed)  # `random` weights are a function of the seed
-        model = timm.create_model(name, pretrained=False)
-        return model, {"weights": "random", "weights_source": "random init seeded by params seed"}
-    if weights != "imagenet":
-        path, info = state_file(weights)
-        try:
-            model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(path)})
-        except (RuntimeError, KeyError, ValueError) as err:
-            raise PipelineError(f"extract.weights = {weights!r} does not fit timm/{name}: {err}") from None
-        return model, info
-    return _pretrained(timm, name), {"weights": "imagenet", "weights_source": f"timm {_tag(timm, name)}"}
-
-
 def _tag(timm: Any, name: str) -> str:
     return getattr(timm.models.get_pretrained_cfg(name), "hf_hub_id", None) or name
 
 
 def _pretrained(timm: Any, name: str) -> nn.Module:
     """Pretrained from the Hugging Face cache; downloaded only when absent, failing fast when impossible."""
-    previous = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
     try:
-        return timm.create_model(name, pretrained=True)
+        with weights.download_timeout():
+            return timm.create_model(name, pretrained=True)
     except Exception as err:  # huggingface_hub and requests raise many types offline
         from huggingface_hub import constants
 
@@ -151,5 +202,3 @@ def _pretrained(timm: Any, name: str) -> nn.Module:
             "cache (set HF_HOME to move it), or set extract.weights to a local state-dict file, or use "
             "extract.weights: random"
         ) from None
-    finally:
-        socket.setdefaulttimeout(previous)

@@ -11,19 +11,9 @@ import torchvision
 from torch import nn
 from torchvision.models import VGG, get_model_weights
 
-from pipeline.backbones.base import (
-    Cut,
-    Preprocessing,
-    choose_layer,
-    from_transforms,
-    hub_checkpoint,
-    resolve_pool,
-    scaled,
-    state_file,
-    torch_load,
-)
+from pipeline.backbones import weights
+from pipeline.backbones.base import Cut, Output, Preprocessing, choose_layer, choose_pool, from_transforms, scaled
 from pipeline.config import ExtractConfig
-from pipeline.errors import PipelineError
 
 ARCHS = ("vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn")
 LAYERS = ("pool5", "pool1", "pool2", "pool3", "pool4", "fc6", "fc7")  # the first is the default
@@ -70,27 +60,22 @@ def init_random(body: nn.Module) -> None:
 
 
 def build(cfg: ExtractConfig, seed: int) -> Cut:
-    """The VGG cut at ``extract.layer``, with its weights, on the CPU."""
+    """The VGG cut at ``extract.layer``, with its weights, on the CPU: only the cut is ever materialised."""
     layer = choose_layer(cfg.layer, LAYERS, cfg.arch)
-    output = "vector" if layer in _FC_DEPTH else "map"
-    pool = resolve_pool(cfg.pool, output, f"{cfg.arch} {layer}")
+    output = Output("vector" if layer in _FC_DEPTH else "map")
+    _, pool = choose_pool(cfg.pool, [output], f"{cfg.arch} {layer}")
     with torch.device("meta"):
         model = torchvision.models.get_model(cfg.arch, weights=None)
+    body = cut(model, layer).to_empty(device="cpu")
     if cfg.weights == "random":
-        body = cut(model, layer).to_empty(device="cpu")
         torch.manual_seed(seed)  # `random` weights are a function of the seed
         init_random(body)
-        info = {"weights": "random", "weights_source": "random init seeded by params seed"}
+        info = weights.RANDOM
+    elif cfg.weights == "imagenet":
+        enum = get_model_weights(cfg.arch).IMAGENET1K_V1
+        state = weights.read_state(weights.hub_checkpoint(enum.url))
+        weights.load(model, weights.needed(model, body), state, source=enum.url, target=cfg.arch)
+        info = weights.imagenet(f"{type(enum).__name__}.{enum.name}")
     else:
-        if cfg.weights == "imagenet":
-            enum = get_model_weights(cfg.arch).IMAGENET1K_V1
-            path = hub_checkpoint(enum.url)
-            info = {"weights": "imagenet", "weights_source": f"{type(enum).__name__}.{enum.name}"}
-        else:
-            path, info = state_file(cfg.weights)
-        try:
-            model.load_state_dict(torch_load(path), assign=True)  # takes the (memory-mapped) tensors as they are
-        except RuntimeError as err:
-            raise PipelineError(f"extract.weights = {cfg.weights!r} does not fit {cfg.arch}: {err}") from None
-        body = cut(model, layer).float()
+        info = weights.from_file(cfg.weights, model, body, target=f"{cfg.arch} {layer}")
     return Cut(body, output, layer, pool, preprocessing(cfg.arch, cfg.image_size), info)

@@ -21,19 +21,9 @@ from torchvision.models.feature_extraction import create_feature_extractor, get_
 from torchvision.models.swin_transformer import SwinTransformer
 from torchvision.models.vision_transformer import VisionTransformer
 
-from pipeline.backbones.base import (
-    Cut,
-    Preprocessing,
-    choose_layer,
-    from_transforms,
-    hub_checkpoint,
-    resolve_pool,
-    scaled,
-    state_file,
-    torch_load,
-)
+from pipeline.backbones import weights
+from pipeline.backbones.base import Cut, Output, Preprocessing, choose_layer, choose_pool, from_transforms, scaled
 from pipeline.config import ExtractConfig
-from pipeline.errors import PipelineError
 
 PENULTIMATE = "penultimate"
 STAGE_STRIDES = {f"stage{k}": 2 ** (k + 1) for k in range(1, 5)}  # stage1 … stage4: strides 4 … 32
@@ -144,35 +134,26 @@ def build(cfg: ExtractConfig, seed: int) -> Cut:
     """The model cut at ``extract.layer`` with its weights, on the CPU; nothing past the cut is kept."""
     found = graph(cfg.arch)
     layer = choose_layer(cfg.layer, tuple(found.nodes), cfg.arch)
-    tokens = layer == PENULTIMATE and found.tokens is not None and cfg.pool in ("cls", "mean")
-    output = "tokens" if tokens else found.output[layer]
-    pool = resolve_pool(cfg.pool, output, f"{cfg.arch} {layer}")
-    model, info = _weighted(cfg, seed)
-    body = _Node(model.eval(), found.tokens if tokens else found.nodes[layer])
-    return Cut(body, output, layer, pool, preprocessing(cfg.arch, cfg.image_size), info, prefix_tokens=int(tokens))
-
-
-def _weighted(cfg: ExtractConfig, seed: int) -> tuple[nn.Module, dict[str, str]]:
-    """The whole model with ``extract.weights``: random (its own initialisation, seeded), the default ImageNet
-    weights (built as torchvision builds it for them), or a state-dict file."""
+    outputs = [Output(found.output[layer])]
+    if layer == PENULTIMATE and found.tokens is not None:  # a ViT's encoder tokens: the class token first
+        outputs.append(Output("tokens", class_token=True, prefix=1))
+    chosen, pool = choose_pool(cfg.pool, outputs, f"{cfg.arch} {layer}")
+    node = found.nodes[layer] if chosen == 0 else found.tokens
     crop = get_model_weights(cfg.arch).DEFAULT.transforms().crop_size[0]
-    if cfg.weights == "random":
-        torch.manual_seed(seed)  # `random` weights are a function of the seed
-        return _model(cfg.arch, crop, "cpu"), {
-            "weights": "random",
-            "weights_source": "random init seeded by params seed",
-        }
     if cfg.weights == "imagenet":
         enum = get_model_weights(cfg.arch).DEFAULT
-        hub_checkpoint(enum.url)  # in the cache, or a clear error: the builder then loads it from there
+        weights.hub_checkpoint(enum.url)  # in the cache, or a clear error: the builder then loads it from there
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
-            model = torchvision.models.get_model(cfg.arch, weights=enum)
-        return model, {"weights": "imagenet", "weights_source": f"{type(enum).__name__}.{enum.name}"}
-    path, info = state_file(cfg.weights)
-    model = _model(cfg.arch, crop, "cpu")  # materialised: some buffers (Swin's position index) are in no state dict
-    try:
-        model.load_state_dict(torch_load(path))
-    except RuntimeError as err:
-        raise PipelineError(f"extract.weights = {cfg.weights!r} does not fit {cfg.arch}: {err}") from None
-    return model.float(), info
+            body = _Node(torchvision.models.get_model(cfg.arch, weights=enum).eval(), node)
+        info = weights.imagenet(f"{type(enum).__name__}.{enum.name}")
+    else:
+        torch.manual_seed(seed)  # `random` weights are a function of the seed
+        model = _model(cfg.arch, crop, "cpu").eval()  # materialised: some buffers (Swin's) are in no state dict
+        body = _Node(model, node)
+        info = (
+            weights.RANDOM
+            if cfg.weights == "random"
+            else weights.from_file(cfg.weights, model, body, target=f"{cfg.arch} {layer}")
+        )
+    return Cut(body, outputs[chosen], layer, pool, preprocessing(cfg.arch, cfg.image_size), info)
