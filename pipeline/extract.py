@@ -42,9 +42,11 @@ OLD_PROGRESS_DIR = ".extract-progress"  # the resumable work files of earlier re
 COMMIT_EVERY = 4  # batches between store commits (fsync): at most this many are redone after a kill
 # The version of the code that turns an image's bytes into its row (decoding, preprocessing, the cut, the forward
 # pass): part of what picks a row store, so that rows made by other code are never mixed in. Raise it whenever that
-# code changes what a row holds; tests/test_extract.py ties it to the code. 1: the rows of every release before
-# this constant, whose stores keep their names (it joins the settings from 2 on).
-ROWS_VERSION = 1
+# code changes what a row holds, and name in ROWS_CHANGED the decodes whose rows it changed: the stores of the
+# others keep their names and their rows. tests/test_extract.py ties it to the code. 1: the rows of every release
+# before this constant, whose stores keep their names (the version joins the settings from 2 on).
+ROWS_VERSION = 2
+ROWS_CHANGED = {2: ("fast",)}  # 2: a reduced JPEG is resized from the region the photo covers (images.FRAME)
 WRITE_ROWS = 4096  # rows per block when the stored rows are copied into the HDF5 outputs
 
 
@@ -175,6 +177,11 @@ def _network(
     return forward, device, provenance(cfg, seed, precision, prep, built), prep
 
 
+def rows_version(decode: str) -> int:
+    """The last ROWS_VERSION that changed the rows of ``decode``: what picks its store."""
+    return max([1, *(v for v, changed in ROWS_CHANGED.items() if v <= ROWS_VERSION and decode in changed)])
+
+
 def _open_store(
     root: Path, base: dict[str, Any], cfg: ExtractConfig, device: torch.device, world: World, threads: int | None
 ) -> RowStore:
@@ -185,7 +192,8 @@ def _open_store(
         shutil.rmtree(root.parent / OLD_PROGRESS_DIR, ignore_errors=True)
     ignored = ("class_names", "views") + (() if cfg.weights == "random" else ("seed",))
     settings = {k: v for k, v in base.items() if k not in ignored}
-    settings |= {"rows": ROWS_VERSION} if ROWS_VERSION > 1 else {}  # the code that makes a row,
+    version = rows_version(cfg.decode)
+    settings |= {"rows": version} if version > 1 else {}  # the code that makes a row,
     settings |= {
         "batch_size": cfg.batch_size,  # the batch shape can change the last bits, and so can
         "compile": cfg.compile,  # compiled kernels,

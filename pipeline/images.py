@@ -12,6 +12,20 @@ import numpy as np
 from PIL import Image, ImageOps
 
 REDUCE_GAP = 2  # a reduced JPEG keeps at least this many times the resize target on its shorter side
+# A reduced JPEG's info: the region of its pixels that the whole photo covers, (left, top, right, bottom). libjpeg
+# rounds a reduced side up (333 px at 1/2: 167 px, of which the photo covers 166.5): a resize of the whole frame
+# would stretch the photo by that fraction of a pixel.
+FRAME = "pipeline.frame"
+# EXIF orientation -> where Pillow's exif_transpose takes a point (x, y) of a (w, h) image
+_ORIENTED = {
+    2: lambda x, y, w, h: (w - x, y),
+    3: lambda x, y, w, h: (w - x, h - y),
+    4: lambda x, y, w, h: (x, h - y),
+    5: lambda x, y, w, h: (y, x),
+    6: lambda x, y, w, h: (h - y, x),
+    7: lambda x, y, w, h: (h - y, w - x),
+    8: lambda x, y, w, h: (y, w - x),
+}
 
 # What PIL raises for a file it cannot decode: unidentified or truncated data (OSError), broken chunks
 # (SyntaxError, ValueError, EOFError), and images past its pixel limit.
@@ -32,7 +46,8 @@ def open_image(path: Path | IO[bytes], reduce_for: int = 0) -> Image.Image:
     is then decoded at the smallest of libjpeg's DCT scales (1/2, 1/4, 1/8) that keeps its shorter side at least
     ``REDUCE_GAP`` times that: the scaling happens inside the decoder, so a 12-megapixel photo costs about a
     quarter of a full decode, and the antialiased resize from twice the target or more is indistinguishable
-    from one from full size. Other formats, and JPEGs too small to reduce, decode as with 0.
+    from one from full size. Other formats, and JPEGs too small to reduce, decode as with 0. A reduced image's
+    ``info[FRAME]`` is the part of its pixels that the photo covers (oriented as the image is): resize from that.
 
     16-bit images are scaled to 8 bits (PIL's own conversion would clip them to white); an image over
     PIL's pixel limit (``Image.MAX_IMAGE_PIXELS``) is refused as a decompression bomb.
@@ -42,16 +57,30 @@ def open_image(path: Path | IO[bytes], reduce_for: int = 0) -> Image.Image:
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with Image.open(path) as img:
+            frame = None
             if reduce_for and img.format == "JPEG":
                 side = REDUCE_GAP * reduce_for
-                img.draft(None, (side, side))  # picks the scale; keeps both sides >= side
+                drafted = img.draft(None, (side, side))  # picks the scale; keeps both sides >= side
+                frame = _oriented(drafted[1], img.size, img.getexif().get(0x0112)) if drafted else None
             img = ImageOps.exif_transpose(img)
             if img.mode in ("I;16", "I;16B", "I;16L", "I"):
                 wide = np.asarray(img, dtype=np.int64)
                 if img.mode != "I" or wide.max() > 255:  # 16-bit samples (PIL reads some 16-bit PNGs as "I")
                     wide = wide >> 8
                 img = Image.fromarray(wide.clip(0, 255).astype(np.uint8))
-            return img.convert("RGB")
+            img = img.convert("RGB")
+            if frame is not None and frame != (0, 0, *img.size):
+                img.info[FRAME] = frame
+            return img
+
+
+def _oriented(box: tuple[float, ...], size: tuple[int, int], orientation: object) -> tuple[float, ...]:
+    """``box`` of an image of ``size`` as it lies once exif_transpose has applied ``orientation``."""
+    where = _ORIENTED.get(orientation)  # type: ignore[call-overload]
+    if where is None:  # upright, or an orientation that exif_transpose ignores too
+        return tuple(box)
+    (x0, y0), (x1, y1) = where(box[0], box[1], *size), where(box[2], box[3], *size)
+    return (min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1))
 
 
 def read_bytes(path: Path) -> bytes:

@@ -3,7 +3,10 @@ from __future__ import annotations
 import ast
 import hashlib
 import inspect
+import json
 import shutil
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -16,7 +19,7 @@ import torchvision
 from bench.images import make_jpegs
 from pipeline import backbones, batches, decoder, features, images, sources
 from pipeline import extract as extract_module
-from pipeline.backbones import base, timm_models, vgg, zoo
+from pipeline.backbones import base, timm_models, vgg, weights, zoo
 from pipeline.config import parse_params
 from pipeline.distributed import World
 from pipeline.errors import PipelineError
@@ -172,34 +175,45 @@ def test_decode_is_in_the_provenance_and_picks_the_row_store(tmp_path: Path, mon
 
 
 # The code that turns an image's bytes into its row. A change to any of it changes this digest; then decide whether
-# what a row holds changed: if so, raise extract.ROWS_VERSION (old stores are left alone); either way, record the
-# new digest under the version.
+# what a row holds changed: if so, raise extract.ROWS_VERSION and name the decodes whose rows changed in
+# extract.ROWS_CHANGED (their old stores are left alone); either way, record the new digest under the version.
 ROW_CODE = (
-    images.open_image, base.Preprocessing, base.scaled, base.from_transforms, base.Images,
-    base.FeatureExtractor, base.TokenPool,
-    base.resolve_pool, base.torch_load, vgg.preprocessing, vgg.cut, vgg.init_random, vgg.build, zoo.graph, zoo._stages,
-    zoo._Node, zoo.build, zoo._weighted, zoo._model, zoo.preprocessing, timm_models.PreLogits, timm_models.Features,
-    timm_models.build, timm_models.preprocessing, timm_models._weighted, backbones.build_extractor,
+    images.open_image, images._oriented, base.Preprocessing, base.scaled, base.from_transforms, base.Images,
+    base.Output, base.choose_pool, base.Pool, base.FeatureExtractor, weights.read_state, weights.needed, weights.load,
+    vgg.preprocessing, vgg.cut, vgg.init_random, vgg.build, zoo.graph, zoo._stages, zoo._Node, zoo.build, zoo._model,
+    zoo.preprocessing, timm_models.facts, timm_models._stages, timm_models.PreLogits, timm_models.Features,
+    timm_models.Stage, timm_models.build, timm_models.preprocessing, timm_models._converter, backbones.build_extractor,
     extract_module._forward, sources.ImageReader, batches.joined, images.read_bytes, decoder.device_pixels,
     decoder.cpu_crop, decoder.RawImages, decoder.collate, decoder.jpeg_decoder, decoder._torchvision_decode,
     decoder.DeviceDecoder, decoder.on_device,
 )  # fmt: skip
-ROW_CODE_DIGESTS = {1: "0bac1031d2d5b984"}  # 1: also after the backbone families and decode: device, with which
-# the fast and exact rows of a VGG kept their bytes (decode: device has a store of its own)
+ROW_CODE_DIGESTS = {2: "67edc582cd2db27c"}  # 1: the rows of every release before the backbone contract; 2: decode:
+# fast resizes a reduced JPEG from the region the photo covers (ROWS_CHANGED); the others kept their bytes
+
+
+def canonical(node: object) -> str:
+    """An AST as nested node types and fields, docstrings, empty fields and positions left out: the same text on
+    every Python that the project supports (3.10 on), where ast.unparse and ast.dump are not (3.12 added
+    type_params to every def, 3.13 leaves empty fields out of dump, and unparse changed its quoting)."""
+    if isinstance(node, ast.AST):
+        body = getattr(node, "body", None)
+        first = body[0] if isinstance(body, list) and body else None
+        doc = isinstance(first, ast.Expr) and isinstance(getattr(first.value, "value", None), str)
+        fields = [(k, v[1:] if doc and k == "body" else v) for k, v in ast.iter_fields(node)]
+        shown = ",".join(f"{k}={canonical(v)}" for k, v in fields if v not in (None, []))
+        return f"{type(node).__name__}({shown})"
+    if isinstance(node, list):
+        return "[" + ",".join(canonical(v) for v in node) + "]"
+    return repr(node)
 
 
 def row_code_digest() -> str:
     """A digest of the syntax of ROW_CODE and of the constants it reads, without docstrings and comments."""
     h = hashlib.sha256()
     for obj in ROW_CODE:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(obj)))
-        for node in ast.walk(tree):
-            body = getattr(node, "body", None)
-            first = body[0] if isinstance(body, list) and body else None
-            if isinstance(first, ast.Expr) and isinstance(getattr(first.value, "value", None), str):
-                body[0] = ast.Pass()  # a docstring
-        h.update(ast.unparse(tree).encode())  # the syntax, whatever the formatting
+        h.update(canonical(ast.parse(textwrap.dedent(inspect.getsource(obj)))).encode())
     h.update(repr((images.REDUCE_GAP, vgg.LAYERS, vgg._FC_DEPTH, zoo.STAGE_STRIDES, base.POOLS)).encode())
+    h.update(repr((timm_models.STAGE_STRIDES, weights.CHECKPOINT_KEYS, weights.PREFIXES)).encode())
     return h.hexdigest()[:16]
 
 
@@ -211,12 +225,63 @@ def test_the_rows_version_follows_the_code_that_makes_a_row():
     )
 
 
-def test_the_rows_version_picks_the_store(tmp_path: Path, imagefolder: Path, monkeypatch: pytest.MonkeyPatch):
-    params, _, _ = prepare(tmp_path, {"source": "imagefolder", "root": str(imagefolder)})
+CANONICAL_ELSEWHERE = """
+import ast, hashlib, json, sys, textwrap
+{canonical}
+h = hashlib.sha256()
+for path, start, n in json.loads(sys.argv[1]):
+    with open(path) as f:
+        h.update(canonical(ast.parse(textwrap.dedent("".join(f.readlines()[start - 1 : start - 1 + n])))).encode())
+print(h.hexdigest())
+"""
+
+
+def other_pythons() -> list[str]:
+    """The interpreters of the supported versions other than this one that this machine has (beside this one's
+    installation too: pyenv's versions/)."""
+    found = {}
+    for minor in range(10, 15):
+        if minor != sys.version_info.minor:
+            candidates = [
+                shutil.which(f"python3.{minor}"),
+                *sorted(Path(sys.base_prefix).parent.glob(f"3.{minor}.*/bin/python3")),
+            ]
+            for exe in filter(None, candidates):  # a pyenv shim of a version not selected fails to run
+                if subprocess.run([exe, "-c", "pass"], capture_output=True).returncode == 0:
+                    found[minor] = str(exe)
+                    break
+    return list(found.values())
+
+
+def test_the_row_code_digest_is_the_same_on_every_supported_python():
+    """Regression: the digest was of ast.unparse's text, which differs on 3.10, 3.11 and 3.12 on."""
+    pythons = other_pythons()
+    if not pythons:
+        pytest.skip("no other Python 3.10+ on this machine")
+    spans = []
+    for obj in ROW_CODE:
+        lines, start = inspect.getsourcelines(obj)
+        spans.append([inspect.getsourcefile(inspect.unwrap(obj)), start, len(lines)])
+    script = CANONICAL_ELSEWHERE.format(canonical=inspect.getsource(canonical))
+    digests = {sys.executable: subprocess.run([sys.executable, "-c", script, json.dumps(spans)], capture_output=True,
+                                              text=True, check=True).stdout}  # fmt: skip
+    for exe in pythons:
+        digests[exe] = subprocess.run([exe, "-I", "-c", script, json.dumps(spans)], capture_output=True, text=True,
+                                      check=True).stdout  # fmt: skip
+    assert len(set(digests.values())) == 1, digests
+
+
+@pytest.mark.parametrize("decode", ["fast", "exact"])
+def test_the_rows_version_picks_the_store_of_the_decodes_it_changed(
+    tmp_path: Path, imagefolder: Path, monkeypatch: pytest.MonkeyPatch, decode: str
+):
+    params, _, _ = prepare(tmp_path, {"source": "imagefolder", "root": str(imagefolder)}, {"decode": decode})
     extract(params, tmp_path / "prepared", tmp_path / "features")
-    monkeypatch.setattr(extract_module, "ROWS_VERSION", extract_module.ROWS_VERSION + 1)
-    assert extract(params, tmp_path / "prepared", tmp_path / "features")["reused"] == 0
-    assert len(list((tmp_path / extract_module.STORE_DIR).iterdir())) == 2
+    version = extract_module.ROWS_VERSION + 1
+    monkeypatch.setattr(extract_module, "ROWS_VERSION", version)
+    monkeypatch.setattr(extract_module, "ROWS_CHANGED", extract_module.ROWS_CHANGED | {version: ("fast",)})
+    assert extract(params, tmp_path / "prepared", tmp_path / "features")["reused"] == (0 if decode == "fast" else 20)
+    assert len(list((tmp_path / extract_module.STORE_DIR).iterdir())) == (2 if decode == "fast" else 1)
 
 
 def test_each_device_type_has_its_own_row_store(tmp_path: Path):

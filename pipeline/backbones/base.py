@@ -16,7 +16,7 @@ from torchvision.transforms import functional as F
 
 from pipeline.errors import PipelineError
 from pipeline.hardware import DTYPES
-from pipeline.images import IMAGE_ERRORS
+from pipeline.images import FRAME, IMAGE_ERRORS
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +43,18 @@ class Preprocessing:
         return self.resize_size if decode == "fast" else 0
 
     def to_uint8(self, image: Any) -> torch.Tensor:
-        """PIL image -> (3, crop, crop) uint8 tensor, as the weights' transform does before scaling."""
+        """PIL image -> (3, crop, crop) uint8 tensor, as the weights' transform does before scaling. A JPEG that
+        ``open_image`` reduced is resized from the region that the whole photo covers (its ``info[FRAME]``), to
+        the size that the full photo would get: as torchvision's ``Resize``, short side to ``resize_size``."""
         mode = F.InterpolationMode(self.interpolation)
-        image = F.resize(image, [self.resize_size], interpolation=mode, antialias=True)
+        frame = image.info.get(FRAME)
+        if frame is None:
+            image = F.resize(image, [self.resize_size], interpolation=mode, antialias=True)
+        else:  # torchvision's own output size, from the photo's proportions (exact: the scale is a power of 2)
+            w, h = frame[2] - frame[0], frame[3] - frame[1]
+            long = int(self.resize_size * max(w, h) / min(w, h))
+            size = (self.resize_size, long) if w <= h else (long, self.resize_size)
+            image = image.resize(size, F.pil_modes_mapping[mode], box=frame)
         return F.pil_to_tensor(F.center_crop(image, [self.crop_size]))
 
 
