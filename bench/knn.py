@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from bench.__main__ import save_report
-from pipeline import features, knn
+from pipeline import features, knn, provenance
 from pipeline.config import EvaluateConfig
 from pipeline.evaluate import knn_metrics
 from pipeline.hardware import resolve_device
@@ -50,8 +50,8 @@ def timed(runs: dict[str, Callable[[], Any]], rounds: int) -> dict[str, dict[str
 def write_train(path: Path, x: np.ndarray, y: np.ndarray, classes: int) -> None:
     """``x`` as extract stores it: float16, in the one writer's chunks."""
     names = [str(c) for c in range(classes)]
-    prov = {key: 0 for key in features.PROVENANCE_KEYS} | {
-        "schema": features.SCHEMA, "split": "train", "views": ["original"], "class_names": names,
+    prov = {key: 0 for key in provenance.PROVENANCE_KEYS} | {
+        "schema": provenance.SCHEMA, "split": "train", "views": ["original"], "class_names": names,
     }  # fmt: skip
     with features.FeatureWriter(
         path, n=len(x), dim=x.shape[1], dtype="float16", views=["original"], provenance=prov
@@ -79,7 +79,7 @@ def bench(sizes: dict[str, int], *, k: int, rounds: int, device: str, seed: int 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "train.h5"
         write_train(path, x, y, sizes["classes"])
-        expected = features.identity(features.read_provenance(path))
+        expected = provenance.identity(features.read_provenance(path))
         same = knn_metrics(cfg, path, test, expected=expected, device=where)["knn_acc"]
         assert same == float(np.mean(in_memory() == test.labels)), "streamed and in-memory k-NN disagree"
         runs = {

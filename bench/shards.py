@@ -32,7 +32,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from pipeline import features
+from pipeline import features, provenance
 from pipeline.extract import WRITE_ROWS
 from pipeline.store import RowStore
 
@@ -67,7 +67,7 @@ class Shards:
 
 
 def _writer(path: Path, n: int, dim: int) -> features.FeatureWriter:
-    prov = {key: 0 for key in features.PROVENANCE_KEYS} | {"schema": features.SCHEMA, "views": ["original"]}
+    prov = {key: 0 for key in provenance.PROVENANCE_KEYS} | {"schema": provenance.SCHEMA, "views": ["original"]}
     return features.FeatureWriter(path, n=n, dim=dim, dtype="float16", views=["original"], provenance=prov)
 
 

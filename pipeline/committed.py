@@ -18,7 +18,7 @@ from typing import IO
 import h5py
 import numpy as np
 
-from pipeline import features
+from pipeline import features, provenance
 from pipeline.splits import SPLITS
 from pipeline.store import RowStore
 
@@ -56,7 +56,7 @@ def keyed_rows(
     """(view, keys, rows) blocks of the rows of a split file whose content key and view are in ``want``, when the
     file's rows came from the row store ``row_settings``; none from any other file."""
     with h5py.File(source, "r") as f:
-        if f.attrs.get("schema") != features.SCHEMA or f.attrs.get("row_settings") != row_settings or "keys" not in f:
+        if f.attrs.get("schema") != provenance.SCHEMA or f.attrs.get("row_settings") != row_settings or "keys" not in f:
             return
         keys = [bytes(k) for k in f["keys"][:]]
         views = features.split_views(list(f.attrs["views"].astype(str)), str(f.attrs["split"]))

@@ -23,6 +23,7 @@ from pipeline.errors import PipelineError, run_stage
 from pipeline.files import replaced
 from pipeline.hardware import resolve_device
 from pipeline.images import IMAGE_ERRORS
+from pipeline.provenance import check_provenance, identity
 from pipeline.scores import Scores, balanced_accuracy, compute_metrics, score
 
 log = logging.getLogger(__name__)
@@ -93,7 +94,7 @@ def knn_metrics(
     if cfg.knn_k == 0:
         return {}
     reader = features.BlockReader(train_path, block_mb=KNN_BLOCK_MB, views=["original"])
-    features.check_provenance(reader.provenance, expected, source=train_path)
+    check_provenance(reader.provenance, expected, source=train_path)
     steps = tqdm(range(reader.num_blocks), desc="k-NN on the train split", unit="block", disable=reader.num_blocks < 8)
     pred = knn.knn_predict(
         (reader.read(b) for b in steps), test.features["original"], k=cfg.knn_k, temperature=cfg.knn_temperature,
@@ -162,9 +163,9 @@ def main() -> None:
     scores = score(test_probs, test.labels, top_k=params.evaluate.top_k, seed=params.seed)
     val_accuracy = skm.accuracy_score(val.labels, val_pred)
     results = compute_metrics(scores, test.labels, val_accuracy=val_accuracy, seed=params.seed)
-    identity = features.identity(spec["provenance"])
+    expected = identity(spec["provenance"])
     device = resolve_device(params.train.device)
-    results |= knn_metrics(params.evaluate, args.features / "train.h5", test, expected=identity, device=device)
+    results |= knn_metrics(params.evaluate, args.features / "train.h5", test, expected=expected, device=device)
     classes = per_class(scores.pred, test.labels, class_names)
     log.info(
         "test accuracy %.4f (95%% interval %.4f to %.4f over %d images), macro F1 %.4f, balanced accuracy %.4f",
@@ -194,7 +195,7 @@ def main() -> None:
 
 def _read_split(path: Path, spec: dict[str, Any]) -> features.FeatureSet:
     split = features.read_features(path)
-    features.check_provenance(split.provenance, features.identity(spec["provenance"]), source=path)
+    check_provenance(split.provenance, identity(spec["provenance"]), source=path)
     return split
 
 

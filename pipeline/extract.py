@@ -11,7 +11,6 @@ import argparse
 import functools
 import json
 import logging
-import platform
 import shutil
 import sys
 import time
@@ -20,13 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import PIL
 import torch
-import torchvision
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from pipeline import backbones, committed, decoder, distributed, features, listing, sources
+from pipeline import backbones, committed, decoder, distributed, features, listing, provenance, sources
 from pipeline.batches import joined, pieces, shard_bounds, split_batches
 from pipeline.config import DataConfig, ExtractConfig, Params, dvc_path, load_params, to_dict, with_dvc_paths
 from pipeline.distributed import World
@@ -40,41 +37,7 @@ log = logging.getLogger(__name__)
 STORE_DIR = ".feature-store"  # next to the features directory, outside DVC's outputs (see pipeline.store)
 OLD_PROGRESS_DIR = ".extract-progress"  # the resumable work files of earlier releases, which the store replaced
 COMMIT_EVERY = 4  # batches between store commits (fsync): at most this many are redone after a kill
-# The version of the code that turns an image's bytes into its row (decoding, preprocessing, the cut, the forward
-# pass): part of what picks a row store, so that rows made by other code are never mixed in. Raise it whenever that
-# code changes what a row holds, and name in ROWS_CHANGED the decodes whose rows it changed: the stores of the
-# others keep their names and their rows. tests/test_extract.py ties it to the code. 1: the rows of every release
-# before this constant, whose stores keep their names (the version joins the settings from 2 on).
-ROWS_VERSION = 2
-ROWS_CHANGED = {2: ("fast",)}  # 2: a reduced JPEG is resized from the region the photo covers (images.FRAME)
 WRITE_ROWS = 4096  # rows per block when the stored rows are copied into the HDF5 outputs
-
-
-def provenance(
-    cfg: ExtractConfig, seed: int, precision: str, prep: backbones.Preprocessing, built: dict[str, Any]
-) -> dict[str, Any]:
-    """The provenance attributes shared by every split file (split and class names are added). ``built``: what
-    building the backbone resolved (layer, pool, image size, feature width) and its weights."""
-    resolved = ("layer", "pool", "image_size", "feature_dim")
-    return {
-        "schema": features.SCHEMA,
-        "arch": cfg.arch,
-        "seed": seed,
-        "precision": precision,
-        "layer": built["layer"],
-        "pool": built["pool"],
-        "image_size": built["image_size"],
-        "decode": cfg.decode,
-        "resize_size": prep.resize_size,
-        "interpolation": prep.interpolation,
-        "mean": list(prep.mean),
-        "std": list(prep.std),
-        "views": list(cfg.views),
-        "storage_dtype": cfg.storage_dtype,
-        "feature_dim": built["feature_dim"],
-        "torch_version": str(torch.__version__),  # TorchVersion, a str subclass h5py cannot store
-        "torchvision_version": str(torchvision.__version__),
-    } | {k: v for k, v in built.items() if k not in resolved}  # weights, then timm_version for timm models
 
 
 def extract(
@@ -174,36 +137,16 @@ def _network(
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True  # one input shape throughout: let cuDNN pick its fastest kernels
     forward = torch.compile(model, dynamic=False) if cfg.compile else model
-    return forward, device, provenance(cfg, seed, precision, prep, built), prep
-
-
-def rows_version(decode: str) -> int:
-    """The last ROWS_VERSION that changed the rows of ``decode``: what picks its store."""
-    return max([1, *(v for v, changed in ROWS_CHANGED.items() if v <= ROWS_VERSION and decode in changed)])
+    return forward, device, provenance.of_extraction(cfg, seed, precision, prep, built), prep
 
 
 def _open_store(
     root: Path, base: dict[str, Any], cfg: ExtractConfig, device: torch.device, world: World, threads: int | None
 ) -> RowStore:
-    """This setting's row store. What a row's bytes depend on picks it; not the class names (renaming a class
-    folder reuses its rows), nor the views (each view has its own rows), nor the seed with trained weights.
-    ``threads``: the CPU threads, where rows depend on them (backbones.thread_dependent)."""
+    """This setting's row store (provenance.store_settings picks it)."""
     if world.main and (root.parent / OLD_PROGRESS_DIR).is_dir():
         shutil.rmtree(root.parent / OLD_PROGRESS_DIR, ignore_errors=True)
-    ignored = ("class_names", "views") + (() if cfg.weights == "random" else ("seed",))
-    settings = {k: v for k, v in base.items() if k not in ignored}
-    version = rows_version(cfg.decode)
-    settings |= {"rows": version} if version > 1 else {}  # the code that makes a row,
-    settings |= {
-        "batch_size": cfg.batch_size,  # the batch shape can change the last bits, and so can
-        "compile": cfg.compile,  # compiled kernels,
-        "device": device.type,
-        "pillow": PIL.__version__,  # the decoder and resampling,
-        "cuda": torch.version.cuda if device.type == "cuda" else None,  # and the GPU libraries
-        "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
-    }
-    settings |= {"macos": platform.mac_ver()[0]} if device.type == "mps" else {}  # Metal's kernels come with macOS
-    settings |= {"threads": threads} if threads else {}
+    settings = provenance.store_settings(base, cfg, device, threads)
     return RowStore(root / settings_key(settings), segment=world.rank, dim=base["feature_dim"], dtype=cfg.storage_dtype)
 
 

@@ -1,4 +1,4 @@
-"""The HDF5 feature cache: one writer, one reader, and the one place that knows the provenance fields.
+"""The HDF5 feature cache: one writer and one reader (the provenance fields they carry: ``pipeline.provenance``).
 
 Layout of ``{split}.h5``::
 
@@ -30,28 +30,10 @@ import h5py
 import numpy as np
 
 from pipeline.errors import PipelineError
+from pipeline.provenance import OPTIONAL_KEYS, PROVENANCE_KEYS, SCHEMA
 
-SCHEMA = 1
 CHUNK_BYTES = 1 << 20
 
-# What determines the features; train and evaluate compare these against what they were asked to use.
-IDENTITY_KEYS = (
-    "arch", "weights", "layer", "pool", "image_size", "decode", "precision", "views", "storage_dtype", "class_names",
-)  # fmt: skip
-PROVENANCE_KEYS = IDENTITY_KEYS + (
-    "schema",
-    "split",
-    "feature_dim",
-    "weights_source",
-    "seed",
-    "resize_size",
-    "interpolation",
-    "mean",
-    "std",
-    "torch_version",
-    "torchvision_version",
-)
-OPTIONAL_KEYS = ("decoder", "timm_version")  # written where the setting has them: decode: device, timm models
 LIST_DATASETS = ("class_names",)  # provenance kept as a dataset: it grows with the folder
 
 
@@ -70,11 +52,6 @@ def needed_views(keys: Mapping[str, Sequence[str]], views: Sequence[str]) -> dic
             have = needs.get(key, ())
             needs[key] = tuple(v for v in views if v in want or v in have)
     return needs
-
-
-def identity(provenance: Mapping[str, Any]) -> dict[str, Any]:
-    """The part of a provenance that determines the features (what must match between files and heads)."""
-    return {key: provenance.get(key) for key in IDENTITY_KEYS}  # a key older files lack is None: a mismatch
 
 
 def dataset_name(view: str) -> str:
@@ -263,17 +240,6 @@ class BlockReader:
             x = np.concatenate([f[dataset_name(v)][a:b] for v in self.views]).astype(np.float32)
             y = np.tile(f["labels"][a:b], len(self.views))
         return x, y
-
-
-def check_provenance(provenance: Mapping[str, Any], expected: Mapping[str, Any], *, source: str) -> None:
-    """Refuse features (or a head) made with other settings than the ones asked for, naming what differs."""
-    for key, want in expected.items():
-        have = provenance.get(key)
-        if have != want:
-            raise PipelineError(
-                f"{source} was made with {key} = {have!r}, but {want!r} is asked for. "
-                "Re-run the stages before this one (dvc repro) so that they match"
-            )
 
 
 def _open(path: Path) -> h5py.File:

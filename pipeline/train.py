@@ -17,6 +17,7 @@ from pipeline.config import Params, TrainConfig, load_params, to_dict, with_dvc_
 from pipeline.errors import PipelineError, run_stage
 from pipeline.files import replaced
 from pipeline.hardware import resolve_device
+from pipeline.provenance import check_provenance, identity
 
 log = logging.getLogger(__name__)
 
@@ -169,8 +170,8 @@ def main() -> None:
     log.info("train params: %s", to_dict(params.train))
     paths = {split: args.features / f"{split}.h5" for split in ("train", "val")}
     provenance = {split: features.read_provenance(path) for split, path in paths.items()}
-    features.check_provenance(provenance["train"], expected_provenance(params), source=paths["train"])
-    features.check_provenance(provenance["val"], features.identity(provenance["train"]), source=paths["val"])
+    check_provenance(provenance["train"], expected_provenance(params), source=paths["train"])
+    check_provenance(provenance["val"], identity(provenance["train"]), source=paths["val"])
     device = resolve_device(params.train.device)
     train_split, val_split = (
         load_split(path, in_memory_mb=params.train.in_memory_mb, device=device) for path in paths.values()

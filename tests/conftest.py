@@ -189,10 +189,10 @@ def run(project: Path, *args: str, check: bool = True) -> subprocess.CompletedPr
 
 def feature_provenance(**changes: object) -> dict:
     """Provenance as extract writes it for the FAST_PARAMS project settings."""
-    from pipeline import features
+    from pipeline import provenance
 
     base = {
-        "schema": features.SCHEMA,
+        "schema": provenance.SCHEMA,
         "arch": "vgg11",
         "weights": "random",
         "weights_source": "random init seeded by params seed",

@@ -17,7 +17,7 @@ import torch
 import torchvision
 
 from bench.images import make_jpegs
-from pipeline import backbones, batches, decoder, features, images, sources
+from pipeline import backbones, batches, decoder, features, images, provenance, sources
 from pipeline import extract as extract_module
 from pipeline.backbones import base, timm_models, vgg, weights, zoo
 from pipeline.config import parse_params
@@ -175,8 +175,8 @@ def test_decode_is_in_the_provenance_and_picks_the_row_store(tmp_path: Path, mon
 
 
 # The code that turns an image's bytes into its row. A change to any of it changes this digest; then decide whether
-# what a row holds changed: if so, raise extract.ROWS_VERSION and name the decodes whose rows changed in
-# extract.ROWS_CHANGED (their old stores are left alone); either way, record the new digest under the version.
+# what a row holds changed: if so, raise provenance.ROWS_VERSION and name the decodes whose rows changed in
+# provenance.ROWS_CHANGED (their old stores are left alone); either way, record the new digest under the version.
 ROW_CODE = (
     images.open_image, images._oriented, base.Preprocessing, base.scaled, base.from_transforms, base.Images,
     base.Output, base.choose_pool, base.Pool, base.FeatureExtractor, weights.read_state, weights.needed, weights.load,
@@ -219,9 +219,9 @@ def row_code_digest() -> str:
 
 def test_the_rows_version_follows_the_code_that_makes_a_row():
     """Regression: code that changes rows did not pick a new store, so old and new rows mixed silently."""
-    assert ROW_CODE_DIGESTS.get(extract_module.ROWS_VERSION) == row_code_digest(), (
-        "the code that makes a row changed: if what a row holds changed, raise pipeline.extract.ROWS_VERSION; "
-        f"then record ROW_CODE_DIGESTS[{extract_module.ROWS_VERSION}] = {row_code_digest()!r} (tests/test_extract.py)"
+    assert ROW_CODE_DIGESTS.get(provenance.ROWS_VERSION) == row_code_digest(), (
+        "the code that makes a row changed: if what a row holds changed, raise pipeline.provenance.ROWS_VERSION; "
+        f"then record ROW_CODE_DIGESTS[{provenance.ROWS_VERSION}] = {row_code_digest()!r} (tests/test_extract.py)"
     )
 
 
@@ -277,9 +277,9 @@ def test_the_rows_version_picks_the_store_of_the_decodes_it_changed(
 ):
     params, _, _ = prepare(tmp_path, {"source": "imagefolder", "root": str(imagefolder)}, {"decode": decode})
     extract(params, tmp_path / "prepared", tmp_path / "features")
-    version = extract_module.ROWS_VERSION + 1
-    monkeypatch.setattr(extract_module, "ROWS_VERSION", version)
-    monkeypatch.setattr(extract_module, "ROWS_CHANGED", extract_module.ROWS_CHANGED | {version: ("fast",)})
+    version = provenance.ROWS_VERSION + 1
+    monkeypatch.setattr(provenance, "ROWS_VERSION", version)
+    monkeypatch.setattr(provenance, "ROWS_CHANGED", provenance.ROWS_CHANGED | {version: ("fast",)})
     assert extract(params, tmp_path / "prepared", tmp_path / "features")["reused"] == (0 if decode == "fast" else 20)
     assert len(list((tmp_path / extract_module.STORE_DIR).iterdir())) == (2 if decode == "fast" else 1)
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from pipeline import features
+from pipeline import provenance as fields
 from pipeline.errors import PipelineError
 from tests.conftest import feature_provenance
 
@@ -40,7 +41,7 @@ def test_layout_chunking_and_provenance(tmp_path: Path):
         rows, cols = f["features"].chunks
         assert cols == 2048 and rows * 2048 * 2 <= features.CHUNK_BYTES  # chunked along N, <= 1 MiB
         assert f["labels"].dtype == np.int64 and f["labels"].chunks is not None
-        assert set(f.attrs) == set(features.PROVENANCE_KEYS) - {"class_names"}
+        assert set(f.attrs) == set(fields.PROVENANCE_KEYS) - {"class_names"}
     fs = features.read_features(path)
     np.testing.assert_allclose(fs.features["original"], data, rtol=1e-3, atol=1e-3)
     np.testing.assert_allclose(fs.features["hflip"], -data, rtol=1e-3, atol=1e-3)
@@ -95,7 +96,7 @@ def test_a_failed_write_leaves_no_file(tmp_path: Path):
 
 def test_provenance_mismatch_names_the_attribute(tmp_path: Path):
     with pytest.raises(PipelineError, match=r"made with layer = 'pool5', but 'fc6' is asked for"):
-        features.check_provenance(provenance(), {"arch": "vgg11", "layer": "fc6"}, source="train.h5")
+        fields.check_provenance(provenance(), {"arch": "vgg11", "layer": "fc6"}, source="train.h5")
 
 
 @pytest.mark.parametrize("content", [b"", b"garbage, not HDF5"])

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import evaluate, features, knn
+from pipeline import evaluate, features, knn, provenance
 from pipeline.config import parse_params
 from tests.conftest import feature_provenance, write_blob_features
 
@@ -100,7 +100,7 @@ def test_knn_acc_is_on_the_original_rows_of_the_training_split_never_its_flipped
         f["features_hflip"][:] = np.stack([x[labels == c].mean(0) for c in range(3)])[(labels - 1) % 3]
     train, test = (features.read_features(tmp_path / f"{split}.h5") for split in ("train", "test"))
     cfg = parse_params({"evaluate": {"knn_k": 7}}).evaluate
-    expected = features.identity(feature_provenance(views=["original", "hflip"]))
+    expected = provenance.identity(feature_provenance(views=["original", "hflip"]))
     metrics = evaluate.knn_metrics(cfg, tmp_path / "train.h5", test, expected=expected, device=CPU)
     pred = knn.knn_predict(
         [(train.features["original"], train.labels)], test.features["original"], k=7, temperature=0.07, device=CPU

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import features, folders, heads, listing, sources
+from pipeline import features, folders, heads, listing, provenance, sources
 from pipeline.config import DataConfig, TrainConfig, parse_params
 from pipeline.errors import PipelineError
 from pipeline.train import Split, expected_provenance, load_split, train
@@ -101,7 +101,7 @@ def test_provenance_expected_from_params():
     assert (expected_provenance(named)["layer"], expected_provenance(named)["pool"]) == ("pool4", "max")
     explicit = parse_params(FAST_PARAMS | {"extract": FAST_PARAMS["extract"] | {"precision": "bf16"}})
     assert expected_provenance(explicit)["precision"] == "bf16"  # auto resolves where extract ran: not checked
-    assert set(expected_provenance(explicit)) <= set(features.IDENTITY_KEYS)
+    assert set(expected_provenance(explicit)) <= set(provenance.IDENTITY_KEYS)
 
 
 @pytest.mark.parametrize(
