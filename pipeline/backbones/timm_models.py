@@ -77,8 +77,10 @@ def facts(arch: str) -> Facts:
         prefix = int(getattr(model, "num_prefix_tokens", 0))
         has_class = getattr(model, "has_class_token", getattr(model, "cls_token", None) is not None)
         features = Output("tokens", class_token=bool(has_class) and prefix > 0, prefix=prefix)
-    else:
-        features = Output("map", layout=str(getattr(model, "output_fmt", "NCHW")))
+    else:  # a map: NHWC where the model says so (Swin, MambaOut), or where its channels are last
+        channels = getattr(model, "num_features", None)
+        last = channels is not None and shape[1] != channels and shape[3] == channels
+        features = Output("map", layout="NHWC" if last else str(getattr(model, "output_fmt", "NCHW")))
     return Facts(features, _stages(model))
 
 
