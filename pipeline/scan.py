@@ -9,11 +9,13 @@ files; when nothing changed, the listing keeps its bytes and nothing after it re
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
+import json
 import logging
 from pathlib import Path
 
 from pipeline import folders, images, listing
-from pipeline.config import load_params, with_dvc_paths
+from pipeline.config import ExtractConfig, load_params, with_dvc_paths
 from pipeline.errors import run_stage
 from pipeline.files import replaced
 
@@ -25,11 +27,40 @@ def stat_cache(listing_path: Path) -> Path:
     return listing_path.with_name(f".{listing_path.stem}-stat.json")
 
 
+def check_backbone(cfg: ExtractConfig, passed: Path) -> None:
+    """``backbones.check``: a typo in the backbone's name, layer, pool or weights file stops the run here, before
+    DVC removes the extract stage's outputs. Skipped when these settings passed it last time (``passed`` keeps
+    them, outside DVC's outputs): importing torch would add about 3 s to every `dvc repro`, a head experiment's
+    too."""
+    weights = Path(cfg.weights)
+    seen = {
+        "extract": [cfg.arch, cfg.layer, cfg.pool, cfg.weights],
+        "file": [weights.stat().st_size, weights.stat().st_mtime_ns] if weights.is_file() else None,
+        "versions": {name: _version(name) for name in ("torch", "torchvision", "timm")},
+    }
+    if passed.is_file() and json.loads(passed.read_text()) == seen:
+        return
+    from pipeline import backbones  # torch and torchvision: only when the settings changed
+
+    backbones.check(cfg)
+    passed.parent.mkdir(parents=True, exist_ok=True)
+    passed.write_text(json.dumps(seen) + "\n")
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, help="CSV file for the listing: id, key, problem")
     args = with_dvc_paths(parser.parse_args(), out="images")
-    cfg = load_params().data
+    params = load_params()
+    check_backbone(params.extract, args.out.with_name(f".{args.out.stem}-backbone.json"))
+    cfg = params.data
     root, origin = Path(cfg.root), listing.Origin(cfg.source, cfg.root)
     if not folders.present(cfg.source, root) and args.out.is_file():
         listing.check_origin(args.out, origin)  # a mistyped data.root is no clone without the images

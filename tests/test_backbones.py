@@ -145,7 +145,7 @@ def test_a_layer_pool_or_size_the_model_lacks_is_one_line_with_what_it_has(chang
 
 def test_every_family_has_the_one_interface():
     for family in backbones.FAMILIES:
-        assert all(callable(getattr(family, name)) for name in ("claims", "names", "layers", "build"))
+        assert all(callable(getattr(family, name)) for name in ("claims", "names", "layers", "outputs", "build"))
     assert [backbones.family(a).__name__.rsplit(".", 1)[1] for a in ("vgg16", "resnet50", "timm/x")] == [
         "vgg", "zoo", "timm_models",
     ]  # fmt: skip
@@ -327,3 +327,29 @@ def test_a_row_has_the_same_bits_whatever_else_is_in_its_batch(arch: str, size, 
         finally:
             torch.set_num_threads(threads)
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    ("changes", "fragments"),
+    [({"arch": "resnet51"}, ["'resnet51' is not a known model", "resnet50"]),
+     ({"arch": "timm/vit_smal_patch14_dinov2"}, ["timm/vit_small_patch14_dinov2"]),
+     ({"arch": "resnet50", "layer": "pool5"}, ["not a layer of resnet50", "stage4"]),
+     ({"arch": "timm/test_convnext", "pool": "cls"}, ["timm/test_convnext penultimate", "auto | flatten | avg | max"]),
+     ({"arch": "vgg16", "layer": "fc7", "pool": "avg"}, ["vgg16 fc7", "auto | flatten"]),
+     ({"weights": "models/finetuned.pth"}, ["'models/finetuned.pth' is not valid", "the path of a state-dict file"])],
+)  # fmt: skip
+def test_check_refuses_what_building_would_without_weights_or_compute(changes: dict, fragments: list[str]):
+    with pytest.raises(PipelineError) as err:
+        backbones.check(dataclasses.replace(RANDOM, **changes))
+    assert "\n" not in str(err.value) and all(f in str(err.value) for f in fragments), str(err.value)
+
+
+def test_a_typo_in_the_backbone_stops_at_scan_before_dvc_removes_the_features(reproduced: Path):
+    """Regression: `-S extract.arch=resnet51` failed in extract, once DVC had removed its outputs."""
+    write_params(reproduced, {"extract": {"arch": "resnet51"}})
+    result = run(reproduced, "dvc", "repro", check=False)
+    assert result.returncode != 0
+    assert "error: extract.arch = 'resnet51' is not a known model: did you mean resnet50" in result.stderr
+    assert "Running stage 'extract'" not in result.stdout
+    assert (reproduced / "data" / "features" / "train.h5").is_file()
+    assert (reproduced / "reports" / "extract" / "metrics.json").is_file()

@@ -1,8 +1,9 @@
 """Frozen backbones behind one interface: a family module builds a model cut at a layer, with its weights and
-the preprocessing of its own metadata. Adding a family is one module with ``claims``, ``names``, ``layers``
-and ``build``, listed in FAMILIES. ``build`` returns a :class:`pipeline.backbones.base.Cut` that reports what the
-cut outputs (an ``Output``: map, vector or tokens, its layout, class and register tokens); the pool is chosen,
-checked and run in ``base`` from that report, and weights files load through ``weights`` alone.
+the preprocessing of its own metadata. Adding a family is one module with ``claims``, ``names``, ``layers``,
+``outputs`` and ``build``, listed in FAMILIES. ``outputs`` reports what a cut outputs (``base.Output``: map,
+vector or tokens, its layout, class and register tokens), and ``build`` returns the cut
+(:class:`pipeline.backbones.base.Cut`); the pool is chosen, checked and run in ``base`` from that report, and
+weights files load through ``weights`` alone.
 
 - ``vgg``: torchvision's VGGs by a table of layers (pool1 … pool5, fc6, fc7), as this project began;
 - ``zoo``: every other classification model of torchvision's registry, cut by ``create_feature_extractor``;
@@ -17,8 +18,8 @@ from typing import Any
 
 import torch
 
-from pipeline.backbones import timm_models, vgg, zoo
-from pipeline.backbones.base import Cut, FeatureExtractor, Images, Preprocessing
+from pipeline.backbones import timm_models, vgg, weights, zoo
+from pipeline.backbones.base import Cut, FeatureExtractor, Images, Preprocessing, choose_layer, choose_pool
 from pipeline.config import ExtractConfig
 from pipeline.errors import PipelineError
 
@@ -28,6 +29,7 @@ __all__ = [
     "Images",
     "Preprocessing",
     "build_extractor",
+    "check",
     "extractor_for",
     "family",
     "thread_dependent",
@@ -48,6 +50,16 @@ def family(arch: str) -> ModuleType:
         f"extract.arch = {arch!r} is not a known model: {hint}Expected a torchvision classification model "
         "(vgg16, resnet50, convnext_tiny, vit_b_16 …: torchvision.models.list_models()) or timm/<name>"
     )
+
+
+def check(cfg: ExtractConfig) -> None:
+    """What building would refuse of ``cfg`` and can be known without weights or compute: the model's name, the
+    layer and pool for it, and that a weights file exists. The scan stage runs it, so that a typo stops the run
+    before DVC removes the extract stage's outputs."""
+    fam = family(cfg.arch)
+    layer = choose_layer(cfg.layer, fam.layers(cfg.arch), cfg.arch)
+    choose_pool(cfg.pool, fam.outputs(cfg.arch, layer), f"{cfg.arch} {layer}")
+    weights.check(cfg.weights)
 
 
 def build_extractor(

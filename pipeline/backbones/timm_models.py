@@ -47,6 +47,12 @@ def layers(arch: str) -> tuple[str, ...]:
     return (PENULTIMATE, *facts(arch).stages)
 
 
+def outputs(arch: str, layer: str) -> list[Output]:
+    """What the cut at ``layer`` outputs: the pre-logits vector and forward_features' output beside it, or a stage's
+    NCHW map."""
+    return [Output("vector"), facts(arch).features] if layer == PENULTIMATE else [Output("map")]
+
+
 def _timm() -> Any:
     try:
         import timm
@@ -133,8 +139,8 @@ def build(cfg: ExtractConfig, seed: int) -> Cut:
     timm, name = _timm(), _name(cfg.arch)
     found = facts(cfg.arch)
     layer = choose_layer(cfg.layer, layers(cfg.arch), cfg.arch)
-    outputs = [Output("vector"), found.features] if layer == PENULTIMATE else [Output("map")]
-    chosen, pool = choose_pool(cfg.pool, outputs, f"{cfg.arch} {layer}")
+    cuts = outputs(cfg.arch, layer)
+    chosen, pool = choose_pool(cfg.pool, cuts, f"{cfg.arch} {layer}")
     if cfg.weights == "imagenet":
         model, info = _pretrained(timm, name), weights.imagenet(f"timm {_tag(timm, name)}")
     else:
@@ -150,7 +156,7 @@ def build(cfg: ExtractConfig, seed: int) -> Cut:
         info = weights.from_file(cfg.weights, model, body, target=f"{cfg.arch} {layer}", dropped=dropped,
                                  adapt=_converter(model), known=known)  # fmt: skip
     versions = {"timm_version": timm.__version__}
-    return Cut(body.eval(), outputs[chosen], layer, pool, preprocessing(model, cfg.image_size), info, versions)
+    return Cut(body.eval(), cuts[chosen], layer, pool, preprocessing(model, cfg.image_size), info, versions)
 
 
 def _name(arch: str) -> str:

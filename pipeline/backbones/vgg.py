@@ -32,6 +32,11 @@ def layers(arch: str) -> tuple[str, ...]:
     return LAYERS
 
 
+def outputs(arch: str, layer: str) -> list[Output]:
+    """What the cut at ``layer`` outputs: a map at a pool, a vector at fc6 and fc7."""
+    return [Output("vector" if layer in _FC_DEPTH else "map")]
+
+
 def preprocessing(arch: str, image_size: int | str) -> Preprocessing:
     """From the arch's ImageNet weights meta, scaled to ``image_size`` (auto: the weights' own 224)."""
     return scaled(from_transforms(get_model_weights(arch).IMAGENET1K_V1.transforms()), image_size)
@@ -62,7 +67,7 @@ def init_random(body: nn.Module) -> None:
 def build(cfg: ExtractConfig, seed: int) -> Cut:
     """The VGG cut at ``extract.layer``, with its weights, on the CPU: only the cut is ever materialised."""
     layer = choose_layer(cfg.layer, LAYERS, cfg.arch)
-    output = Output("vector" if layer in _FC_DEPTH else "map")
+    [output] = outputs(cfg.arch, layer)
     _, pool = choose_pool(cfg.pool, [output], f"{cfg.arch} {layer}")
     with torch.device("meta"):
         model = torchvision.models.get_model(cfg.arch, weights=None)

@@ -43,13 +43,18 @@ def imagenet(source: str) -> dict[str, str]:
     return {"weights": "imagenet", "weights_source": source}
 
 
-def state_file(spec: str) -> tuple[Path, dict[str, str]]:
-    """The state-dict file that ``extract.weights`` names, and its provenance (by content)."""
-    path = Path(spec)
-    if not path.is_file():
+def check(spec: str) -> None:
+    """Refuse an ``extract.weights`` that is none of imagenet, random or an existing file, in one line."""
+    if spec not in ("imagenet", "random") and not Path(spec).is_file():
         raise PipelineError(
             f"extract.weights = {spec!r} is not valid: expected imagenet | random | the path of a state-dict file"
         )
+
+
+def state_file(spec: str) -> tuple[Path, dict[str, str]]:
+    """The state-dict file that ``extract.weights`` names, and its provenance (by content)."""
+    check(spec)
+    path = Path(spec)
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     return path, {"weights": spec, "weights_source": f"file {path.name} sha256:{digest}"}
 

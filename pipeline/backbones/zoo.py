@@ -53,6 +53,14 @@ def layers(arch: str) -> tuple[str, ...]:
     return tuple(graph(arch).nodes)
 
 
+def outputs(arch: str, layer: str) -> list[Output]:
+    """What the cut at ``layer`` outputs: a map or the pre-logits vector, and a ViT's encoder tokens (class token
+    first) beside its penultimate."""
+    found = graph(arch)
+    tokens = [Output("tokens", class_token=True, prefix=1)] if layer == PENULTIMATE and found.tokens else []
+    return [Output(found.output[layer]), *tokens]
+
+
 def preprocessing(arch: str, image_size: int | str) -> Preprocessing:
     """From the default weights' own ``transforms()``, scaled to ``image_size`` (auto: the weights' crop)."""
     return scaled(from_transforms(get_model_weights(arch).DEFAULT.transforms()), image_size)
@@ -134,10 +142,8 @@ def build(cfg: ExtractConfig, seed: int) -> Cut:
     """The model cut at ``extract.layer`` with its weights, on the CPU; nothing past the cut is kept."""
     found = graph(cfg.arch)
     layer = choose_layer(cfg.layer, tuple(found.nodes), cfg.arch)
-    outputs = [Output(found.output[layer])]
-    if layer == PENULTIMATE and found.tokens is not None:  # a ViT's encoder tokens: the class token first
-        outputs.append(Output("tokens", class_token=True, prefix=1))
-    chosen, pool = choose_pool(cfg.pool, outputs, f"{cfg.arch} {layer}")
+    cuts = outputs(cfg.arch, layer)
+    chosen, pool = choose_pool(cfg.pool, cuts, f"{cfg.arch} {layer}")
     node = found.nodes[layer] if chosen == 0 else found.tokens
     crop = get_model_weights(cfg.arch).DEFAULT.transforms().crop_size[0]
     if cfg.weights == "imagenet":
@@ -156,4 +162,4 @@ def build(cfg: ExtractConfig, seed: int) -> Cut:
             if cfg.weights == "random"
             else weights.from_file(cfg.weights, model, body, target=f"{cfg.arch} {layer}")
         )
-    return Cut(body, outputs[chosen], layer, pool, preprocessing(cfg.arch, cfg.image_size), info)
+    return Cut(body, cuts[chosen], layer, pool, preprocessing(cfg.arch, cfg.image_size), info)
