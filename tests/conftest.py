@@ -20,9 +20,11 @@ from PIL import Image
 from pipeline.config import defaults
 
 ROOT = Path(__file__).resolve().parents[1]
+# What a test project copies of this repository: its code and DVC set-up, and of data/raw only the README (the
+# user's images there are not the repository's)
 PROJECT_FILES = (
     "dvc.yaml", "pipeline", ".dvc/config", ".dvc/.gitignore", ".dvc/plots", ".dvcignore", ".gitignore",
-    "data/raw",
+    "data/raw/README.md",
 )  # fmt: skip
 
 # Fast settings for end-to-end runs: random weights, the smallest VGG, small images, few epochs.
@@ -156,14 +158,32 @@ def reproduced(reproduced_template: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(reproduced_template, tmp_path / "project", symlinks=True))
 
 
-def copy_project(dest: Path) -> Path:
+def project_files(source: Path) -> list[str]:
+    """The files of PROJECT_FILES in ``source`` that the repository holds: those git tracks, and untracked ones it
+    does not ignore (a module being written), never ignored ones (caches, `python -m pipeline.plots`'s output).
+    Outside a git checkout, every file under PROJECT_FILES except __pycache__."""
+    try:
+        listed = subprocess.run(
+            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard", "--", *PROJECT_FILES],
+            cwd=source, capture_output=True, check=True,
+        ).stdout.decode()  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):  # no git, or not a checkout
+        listed = ""
+    if listed:
+        return sorted({name for name in listed.split("\0") if name and (source / name).is_file()})
+    found = []
     for name in PROJECT_FILES:
-        src = ROOT / name
-        if src.is_dir():
-            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / name)
+        path = source / name
+        files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+        found += [p.relative_to(source).as_posix() for p in files if "__pycache__" not in p.parts]
+    return sorted(found)
+
+
+def copy_project(dest: Path, *, source: Path = ROOT) -> Path:
+    """A git-committed copy of the repository at ``source`` (its PROJECT_FILES and the pipeline's default params)."""
+    for name in project_files(source):
+        (dest / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source / name, dest / name)
     # the pipeline's defaults: a test project never depends on the user's edits of their params.yaml
     (dest / "params.yaml").write_text(yaml.safe_dump(defaults(), sort_keys=False))
     write_params(dest, FAST_PARAMS)
