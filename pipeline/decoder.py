@@ -19,12 +19,11 @@ from typing import Any, NamedTuple
 
 import torch
 import torchvision
-from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.transforms import functional as F
 
 from pipeline.backbones.base import Images, Preprocessing
-from pipeline.images import IMAGE_ERRORS, open_image
+from pipeline.images import IMAGE_ERRORS, identify, open_image, reason
 
 # Decoded pixels per call of the device decoder: a batch of large photos is decoded in parts, each resized and
 # cropped before the next, so that its memory stays near 3 bytes x this decoded (0.2 GB) and 12 bytes while
@@ -47,25 +46,24 @@ def device_pixels(data: bytes) -> int:
     """The pixels of the JPEG in ``data`` when the device decoder may take it, else 0 (see the module's list).
     Reads the header only, with Pillow, as the CPU path would open it."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)  # over the limit: as open_image
-            with Image.open(io.BytesIO(data)) as img:
-                if img.format != "JPEG" or img.mode not in ("RGB", "L") or img.info.get("adobe_transform") == 0:
-                    return 0
-                if img.getexif().get(0x0112) not in UPRIGHT:
-                    return 0
-                pixels = img.width * img.height
+        with identify(io.BytesIO(data)) as img:  # over the limit: refused, as open_image refuses it
+            if img.format != "JPEG" or img.mode not in ("RGB", "L") or img.info.get("adobe_transform") == 0:
+                return 0
+            if img.getexif().get(0x0112) not in UPRIGHT:
+                return 0
+            pixels = img.width * img.height
     except IMAGE_ERRORS:  # the CPU path says what is wrong
         return 0
     return pixels if data[-4096:].rstrip(b"\0").endswith(b"\xff\xd9") else 0  # padded with zeros, at most 4 KiB
 
 
-def cpu_crop(data: bytes, prep: Preprocessing) -> tuple[torch.Tensor, str]:
-    """The CPU path on bytes already read: (uint8 crop, "") or (a zero crop, why Pillow cannot read them)."""
+def cpu_crop(data: bytes, prep: Preprocessing, name: str = "") -> tuple[torch.Tensor, str]:
+    """The CPU path on bytes already read: (uint8 crop, "") or (a zero crop, why Pillow cannot read them);
+    ``name``: what that reason calls the file."""
     try:
-        return prep.to_uint8(open_image(io.BytesIO(data))), ""
+        return prep.to_uint8(open_image(io.BytesIO(data), name=name)), ""
     except IMAGE_ERRORS as err:
-        return torch.zeros(3, prep.crop_size, prep.crop_size, dtype=torch.uint8), f"{type(err).__name__}: {err}"
+        return torch.zeros(3, prep.crop_size, prep.crop_size, dtype=torch.uint8), reason(err)
 
 
 class RawImages(Dataset):
@@ -90,7 +88,7 @@ class RawImages(Dataset):
         pixels = device_pixels(data)
         if pixels:
             return torch.frombuffer(bytearray(data), dtype=torch.uint8), pixels, index, ""
-        crop, error = cpu_crop(data, self.images.prep)
+        crop, error = cpu_crop(data, self.images.prep, str(self.images.keys[index]))
         return crop, 0, index, error
 
 

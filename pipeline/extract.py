@@ -27,7 +27,7 @@ from pipeline import backbones, committed, decoder, distributed, features, listi
 from pipeline.batches import joined, pieces, shard_bounds, split_batches
 from pipeline.config import DataConfig, ExtractConfig, Params, dvc_path, load_params, to_dict, with_dvc_paths
 from pipeline.distributed import World
-from pipeline.errors import PipelineError, run_stage
+from pipeline.errors import PipelineError, Stopped, run_stage
 from pipeline.files import replaced
 from pipeline.hardware import decode_workers, resolve_precision
 from pipeline.store import RowStore, prune_stores, settings_key
@@ -177,7 +177,7 @@ def _extract_shard(
     """Run the network over this process's batches, given as (content keys, views), into the row store; returns
     its images and times."""
     done, start_time, warm = 0, time.time(), None  # warm: time and rows when the first batch is done
-    total = sum(len(keys) for keys, _ in work)
+    total, interrupted = sum(len(keys) for keys, _ in work), False
     try:
         with torch.inference_mode(), tqdm(total=total, desc="extract", unit="img", disable=not bar) as pbar:
             for n_batch, ((images, _, errors), (keys, views)) in enumerate(zip(loader, work, strict=True), start=1):
@@ -190,10 +190,14 @@ def _extract_shard(
                     store.commit()
                 pbar.update(len(keys))
                 warm = warm or (time.time(), len(keys))
+    except (KeyboardInterrupt, Stopped):
+        interrupted = True
+        raise
     finally:  # on Ctrl-C, SIGTERM or an error too: every finished batch is kept for the next run
         store.commit()
-        if done < total:
-            log.info("kept %d of %d new rows in %s: run again to continue", done, total, store.dir)
+        if done < total and (interrupted or done):  # an unreadable image fails the same way again: no "run again"
+            then = "run again to continue" if interrupted else "the next run starts from there"
+            log.info("kept %d of %d new rows in %s: %s", done, total, store.dir, then)
     return {"images": done, "start": start_time, "seconds": time.time() - start_time, "warm": warm}
 
 

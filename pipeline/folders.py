@@ -78,6 +78,19 @@ def imagefolder_ids(root: Path, spec: str = "auto") -> list[str]:
     return ids
 
 
+def check_root(source: str, root: Path, *, download: bool = False) -> None:
+    """Refuse a ``data.root`` that does not exist, in a line that says so first. Digits reads no root, and
+    CIFAR-10 with data.download makes it."""
+    if root.exists() or source == "digits" or (source == "cifar10" and download):
+        return
+    wanted = "the images there, one folder per class"
+    wanted = f"{CIFAR_DIR}/ there, or set data.download: true" if source == "cifar10" else wanted
+    raise PipelineError(
+        f"data.root = {str(root)!r} does not exist (no {root.absolute()}): fix data.root in params.yaml, or put "
+        f"{wanted}"
+    )
+
+
 def present(source: str, root: Path) -> bool:
     """Whether ``root`` holds the files of ``source`` (a clone without the images has none)."""
     if source == "imagefolder":

@@ -39,7 +39,7 @@ IMAGE_ERRORS = (
 )
 
 
-def open_image(path: Path | IO[bytes], reduce_for: int = 0) -> Image.Image:
+def open_image(path: Path | IO[bytes], reduce_for: int = 0, *, name: str = "") -> Image.Image:
     """An image file as 8-bit RGB, with its EXIF orientation applied; raises one of IMAGE_ERRORS if unreadable.
 
     ``reduce_for``: the shorter side that a resize will bring the image to next (0: decode at full size). A JPEG
@@ -50,13 +50,14 @@ def open_image(path: Path | IO[bytes], reduce_for: int = 0) -> Image.Image:
     ``info[FRAME]`` is the part of its pixels that the photo covers (oriented as the image is): resize from that.
 
     16-bit images are scaled to 8 bits (PIL's own conversion would clip them to white); an image over
-    PIL's pixel limit (``Image.MAX_IMAGE_PIXELS``) is refused as a decompression bomb.
+    PIL's pixel limit (``Image.MAX_IMAGE_PIXELS``) is refused as a decompression bomb. ``name``: what an error
+    calls the file (its id), where Pillow would name a file object by its repr (``<_io.BytesIO object at 0x…>``).
     """
     if isinstance(path, (str, Path)):
         _refuse_special(path)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings():  # a frame decoded later may be over the limit too (GIF, TIFF)
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(path) as img:
+        with identify(path, name) as img:
             frame = None
             if reduce_for and img.format == "JPEG":
                 side = REDUCE_GAP * reduce_for
@@ -72,6 +73,19 @@ def open_image(path: Path | IO[bytes], reduce_for: int = 0) -> Image.Image:
             if frame is not None and frame != (0, 0, *img.size):
                 img.info[FRAME] = frame
             return img
+
+
+def identify(path: str | Path | IO[bytes], name: str = "") -> Image.Image:
+    """``Image.open``: the header alone (format, size, mode), no pixels; raises one of IMAGE_ERRORS for data that
+    Pillow cannot identify and for an image over its pixel limit. ``name``: what the error calls the file."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return Image.open(path)
+    except Image.UnidentifiedImageError:
+        if not name:
+            raise
+        raise Image.UnidentifiedImageError(f"cannot identify image file {name!r}") from None
 
 
 def _oriented(box: tuple[float, ...], size: tuple[int, int], orientation: object) -> tuple[float, ...]:
@@ -94,11 +108,29 @@ def _refuse_special(path: str | Path) -> None:
         raise OSError(f"not a regular file: {path}")  # a FIFO would block, a device never end
 
 
-def image_problem(path: Path) -> str:
-    """Why ``path`` cannot be used as an image, or "" when it can. Decodes every byte of it; a large JPEG at a
-    reduced scale, which reads all of its data as a full decode does, at a fraction of the cost."""
+def reason(err: BaseException) -> str:
+    """How a file's problem reads in the listing, skipped.csv and the errors: ``UnidentifiedImageError: …``."""
+    return f"{type(err).__name__}: {err}"
+
+
+def header_problem(path: Path, name: str = "") -> str:
+    """Why Pillow cannot even identify ``path`` as an image, or "" when it can: reads its header (format, size,
+    mode), not its pixels. Refuses what ``image_problem`` refuses at that point: unknown or garbled data, and
+    decompression bombs. ``name``: what the reason calls the file (its id, so that no root is recorded in it)."""
     try:
-        open_image(path, reduce_for=1)
+        _refuse_special(path)
+        identify(path, name).close()
     except IMAGE_ERRORS as err:
-        return f"{type(err).__name__}: {err}"
+        return reason(err)
+    return ""
+
+
+def image_problem(path: Path, name: str = "") -> str:
+    """Why ``path`` cannot be used as an image, or "" when it can. Decodes every byte of it; a large JPEG at a
+    reduced scale, which reads all of its data as a full decode does, at a fraction of the cost. ``name`` as for
+    ``header_problem``."""
+    try:
+        open_image(path, reduce_for=1, name=name)
+    except IMAGE_ERRORS as err:
+        return reason(err)
     return ""

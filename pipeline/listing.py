@@ -7,8 +7,10 @@ changed files are read again. A file that was touched but not changed gets its o
 its bytes. A file modified within ``RACY_NS`` of a scan is read again by the next one (a change in the same
 clock tick as the hash would leave the stat unchanged), and a file that could not be read is never cached.
 
-Problems are reasons, not crashes: a dangling link, a file that cannot be read, and (when asked) a file that
-does not decode. What becomes of them is ``data.on_bad_image``'s choice, made in ``prepare``.
+Problems are reasons, not crashes: a dangling link, a file that cannot be read, and (when asked) a file whose
+header Pillow cannot identify, or that does not decode. What becomes of them is ``data.on_bad_image``'s choice
+(``unusable``). The stat cache records the root it was made under, and each file's problem names the file by its
+id: a reason found under one ``data.root`` is never shown under another.
 """
 
 from __future__ import annotations
@@ -20,18 +22,22 @@ import json
 import os
 import stat
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
+from pipeline import images
 from pipeline.errors import PipelineError
 
-CACHE_VERSION = 3  # 3: ctime joined the stat
+CACHE_VERSION = 4  # 3: ctime joined the stat; 4: the root, and how far each file was checked
 READ_BYTES = 1 << 20
 RACY_NS = 2 * 10**9
+# How far scan checks each file, each step reading more of it and refusing all that the one before refuses: the
+# header (Pillow's Image.open, tens of µs a file once its bytes were hashed), then a decode (milliseconds).
+CHECKS = ("none", "header", "decode")
 
 
 @dataclass(frozen=True)
@@ -53,47 +59,52 @@ class Origin:
 
 
 def scan(
-    root: Path,
-    ids: Sequence[str],
-    cache_path: Path | None,
-    *,
-    check: Callable[[Path], str] | None = None,
-    workers: int = 8,
+    root: Path, ids: Sequence[str], cache_path: Path | None, *, check: str = "none", workers: int = 8
 ) -> list[Entry]:
     """An entry for every id: the key from the stat cache where size, mtime, inode and ctime are unchanged, else
-    from the bytes (``cache_path`` None: no cache). ``check``, when given, decodes each new or changed file once
-    and says why it is unusable ("" when it is fine). Only regular files are read, and a name that is not valid
-    UTF-8 or holds a control character is listed escaped, with that problem, and never read."""
-    cache = _read_cache(cache_path) if cache_path else {}
+    from the bytes (``cache_path`` None: no cache). ``check`` (one of CHECKS) says how far each file is checked
+    for a problem; a new or changed file is checked once, a file checked less far than asked is read again. Only
+    regular files are read, and a name that is not valid UTF-8 or holds a control character is listed escaped,
+    with that problem, and never read."""
+    depth = CHECKS.index(check)
+    cache = _read_cache(cache_path, root) if cache_path else {}
     settled = time.time_ns() - RACY_NS  # files modified after this are hashed again next time
     stats = {i: name_problem(i) or _stat(root / i) for i in ids}
-    fresh = {
-        i: cache[i] for i in ids if isinstance(stats[i], tuple) and _hit(cache.get(i), stats[i], checked=bool(check))
-    }
+    fresh = {i: cache[i] for i in ids if isinstance(stats[i], tuple) and _hit(cache.get(i), stats[i], depth)}
     todo = [i for i in ids if i not in fresh and isinstance(stats[i], tuple)]
     with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:  # hashing releases the GIL
         keyed = dict(zip(todo, _progress(pool.map(lambda i: _key(root / i), todo), len(todo), "hash"), strict=True))
-    problems = {i: "" for i in todo}
-    if check is not None:
-        readable = [i for i in todo if not keyed[i].startswith("!")]
-        with concurrent.futures.ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:
-            found = pool.map(check, [root / i for i in readable], chunksize=64)
-            problems |= dict(zip(readable, _progress(found, len(readable), "check images"), strict=True))
-    for i in todo:
+    checked = _checked(root, [i for i in todo if not keyed[i].startswith("!")], depth)
+    for i in todo:  # [size, mtime, inode, ctime, key, problem, how far checked: the check that failed, or passed]
         key = keyed[i]
-        problem = key[1:] if key.startswith("!") else problems[i]
-        fresh[i] = [*stats[i], "" if key.startswith("!") else key, problem, bool(check)]
+        fresh[i] = [*stats[i], "", key[1:], 0] if key.startswith("!") else [*stats[i], key, *checked[i]]
     kept = {i: e for i, e in fresh.items() if e[4] and e[1] < settled}
     if cache_path and kept != cache:  # a no-op run rewrites nothing
-        _write_cache(cache_path, kept)
+        _write_cache(cache_path, root, kept)
     entries = []
     for i in ids:
         if isinstance(stats[i], str):
             entries.append(Entry(escaped(i), "", stats[i]))
-        else:  # a decode problem counts only while decoding is checked: the listing never depends on the past
-            *_, key, problem, _ = fresh[i]
-            entries.append(Entry(i, key, problem if (check or not key) else ""))
+        else:  # a problem found by a check further than asked is not shown: the listing never depends on the past
+            *_, key, problem, reached = fresh[i]
+            entries.append(Entry(i, key, problem if reached <= depth else ""))
     return entries
+
+
+def _checked(root: Path, ids: Sequence[str], depth: int) -> dict[str, tuple[str, int]]:
+    """{id: (problem, how far it was checked)} of readable files: each header here, each decode on every core."""
+    found = {i: ("", 0) for i in ids}
+    if depth >= CHECKS.index("header"):  # here: less than a process pool's start, from the page cache just filled
+        headers = _progress((images.header_problem(root / i, i) for i in ids), len(ids), "check headers")
+        found |= {i: (problem, 1) for i, problem in zip(ids, headers, strict=True)}
+    if depth >= CHECKS.index("decode"):
+        fine = [i for i in ids if not found[i][0]]
+        with concurrent.futures.ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:
+            decoded = _progress(
+                pool.map(images.image_problem, [root / i for i in fine], fine, chunksize=64), len(fine), "check images"
+            )
+            found |= {i: (problem, 2) for i, problem in zip(fine, decoded, strict=True)}
+    return found
 
 
 def name_problem(image_id: str) -> str:
@@ -141,8 +152,11 @@ def _not_regular(mode: int) -> str:
     return f"not a regular file ({kind}): only regular files are read"
 
 
-def _hit(cached: list | None, found: tuple[int, int, int, int], *, checked: bool) -> bool:
-    return cached is not None and tuple(cached[:4]) == found and (cached[6] or not checked)
+def _hit(cached: list | None, found: tuple[int, int, int, int], depth: int) -> bool:
+    """Whether a cached entry answers for a file of stat ``found`` checked to ``depth``: one with a problem always
+    does (found within that depth, it is the answer; beyond it, every check up to it passed), one without only
+    when it was checked that far."""
+    return cached is not None and tuple(cached[:4]) == found and (bool(cached[5]) or cached[6] >= depth)
 
 
 def _key(path: Path) -> str:
@@ -171,17 +185,19 @@ def _progress(results: Iterable, total: int, desc: str) -> Iterable:
     return tqdm(results, total=total, desc=desc, unit="img", dynamic_ncols=True, disable=total < 1000)
 
 
-def _read_cache(path: Path) -> dict[str, list]:
+def _read_cache(path: Path, root: Path) -> dict[str, list]:
+    """The cached entries of the files under ``root``; none when the cache was made under another root."""
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
-    return data.get("entries", {}) if data.get("version") == CACHE_VERSION else {}
+    same = data.get("version") == CACHE_VERSION and data.get("root") == str(root)
+    return data.get("entries", {}) if same else {}
 
 
-def _write_cache(path: Path, entries: Mapping[str, list]) -> None:
+def _write_cache(path: Path, root: Path, entries: Mapping[str, list]) -> None:
     tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps({"version": CACHE_VERSION, "entries": entries}, separators=(",", ":")))
+    tmp.write_text(json.dumps({"version": CACHE_VERSION, "root": str(root), "entries": entries}, separators=(",", ":")))
     os.replace(tmp, path)
 
 
@@ -226,3 +242,16 @@ def read(path: Path, origin: Origin) -> list[Entry]:
     with open(path, newline="", encoding="utf-8") as f:
         f.readline()  # the origin
         return [Entry(row["id"], row["key"], row["problem"]) for row in csv.DictReader(f)]
+
+
+def unusable(entries: Iterable[Entry], on_bad_image: str) -> dict[str, str]:
+    """{id: reason} of the listed files to leave out; under ``raise``, the first one stops the run instead (in
+    scan, and in prepare for a listing that scan did not stop at)."""
+    bad = {e.id: e.problem for e in entries if e.problem}
+    if bad and on_bad_image == "raise":
+        first = min(bad)
+        raise PipelineError(
+            f"cannot use image '{first}': {bad[first]} ({len(bad)} such file(s); "
+            "set data.on_bad_image: skip to leave them out and list them in skipped.csv)"
+        )
+    return bad

@@ -11,24 +11,12 @@ from pathlib import Path
 
 from pipeline import listing, sources
 from pipeline.config import load_params, to_dict, with_dvc_paths
-from pipeline.errors import PipelineError, run_stage
+from pipeline.errors import run_stage
 from pipeline.files import replaced
 
 log = logging.getLogger(__name__)
 
 SKIPPED = "skipped.csv"
-
-
-def unusable(entries: list[listing.Entry], on_bad_image: str) -> dict[str, str]:
-    """{id: reason} of the listed files to leave out; under ``raise``, the first one stops the run instead."""
-    bad = {e.id: e.problem for e in entries if e.problem}
-    if bad and on_bad_image == "raise":
-        first = min(bad)
-        raise PipelineError(
-            f"cannot use image '{first}': {bad[first]} ({len(bad)} such file(s); "
-            "set data.on_bad_image: skip to leave them out and list them in skipped.csv)"
-        )
-    return bad
 
 
 def write_skipped(path: Path, bad: dict[str, str]) -> None:
@@ -49,7 +37,7 @@ def main() -> None:
     log.info("data params: %s", to_dict(cfg))
     origin = listing.Origin(cfg.source, cfg.root)
     entries = listing.read(args.images, origin) if cfg.source == "imagefolder" else None
-    bad = unusable(entries, cfg.on_bad_image) if entries is not None else {}
+    bad = listing.unusable(entries, cfg.on_bad_image) if entries is not None else {}  # under raise, scan stops first
     for image_id, reason in sorted(bad.items()):
         log.warning("skipping %s: %s", image_id, reason)
     items, classes = sources.discover(cfg, params.seed, entries, exclude=frozenset(bad))

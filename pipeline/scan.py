@@ -14,12 +14,16 @@ import json
 import logging
 from pathlib import Path
 
-from pipeline import folders, images, listing
+from pipeline import folders, listing
 from pipeline.config import ExtractConfig, load_params, with_dvc_paths
 from pipeline.errors import run_stage
 from pipeline.files import replaced
 
 log = logging.getLogger(__name__)
+
+# data.on_bad_image -> how far scan checks each image (listing.CHECKS): under raise, a file that Pillow cannot
+# identify stops the run here; under skip, every image is decoded once, so that prepare leaves the bad ones out
+CHECK = {"raise": "header", "skip": "decode"}
 
 
 def stat_cache(listing_path: Path) -> Path:
@@ -62,12 +66,18 @@ def main() -> None:
     check_backbone(params.extract, args.out.with_name(f".{args.out.stem}-backbone.json"))
     cfg = params.data
     root, origin = Path(cfg.root), listing.Origin(cfg.source, cfg.root)
-    if not folders.present(cfg.source, root) and args.out.is_file():
-        listing.check_origin(args.out, origin)  # a mistyped data.root is no clone without the images
-        log.warning("no images in %s: keeping the listing %s as it is (a clone without the images)", root, args.out)
+    absent = not folders.present(cfg.source, root)
+    if absent and args.out.is_file() and listing.read_origin(args.out) == origin:
+        queued = ".dvc/tmp/exps" in Path.cwd().as_posix()  # a queued or --temp experiment's copy of the project
+        hint = ": queued runs see only what Git and DVC track (dvc add data/raw, README)" if queued else ""
+        log.warning("no images in %s: keeping the listing %s as it is (a clone without the images)%s", root, args.out,
+                    hint)  # fmt: skip
         return
+    folders.check_root(cfg.source, root, download=cfg.download)  # a missing data.root is said first
+    if absent and args.out.is_file():
+        listing.check_origin(args.out, origin)  # a listing of another root: a mistyped data.root must not reuse it
     ids = folders.source_ids(cfg.source, root, cfg.layout)
-    check = images.image_problem if cfg.source == "imagefolder" and cfg.on_bad_image == "skip" else None
+    check = CHECK[cfg.on_bad_image] if cfg.source == "imagefolder" else "none"
     entries = listing.scan(root, ids, stat_cache(args.out), check=check)
     with replaced(args.out) as tmp:
         listing.write(tmp, entries, origin)
@@ -76,6 +86,8 @@ def main() -> None:
     else:
         problems = sum(bool(e.problem) for e in entries)
         log.info("%d files under %s, %d of them unusable", len(entries), root, problems)
+    if cfg.source == "imagefolder":
+        listing.unusable(entries, cfg.on_bad_image)  # under raise, the first one stops the run here, before any split
 
 
 if __name__ == "__main__":

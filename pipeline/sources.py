@@ -249,10 +249,9 @@ class ImageReader:
             self._arrays["test"] = _cifar_batch(self.root, "test_batch")[0]
 
     def __call__(self, item_id: str) -> Image.Image:
-        if self.source == "imagefolder" and self.keys is None:
-            return open_image(self.root / item_id, self.reduce_for)
-        if self.source == "imagefolder":
-            return open_image(io.BytesIO(self.raw(item_id)), self.reduce_for)
+        if self.source == "imagefolder":  # named by its id: a file object's name would be its repr
+            data = self.root / item_id if self.keys is None else io.BytesIO(self.raw(item_id))
+            return open_image(data, self.reduce_for, name=item_id)
         group, index = item_id.split("/")
         return Image.fromarray(self._arrays[group][int(index)]).convert("RGB")
 

@@ -69,6 +69,13 @@ def test_a_batch_of_every_kind_comes_out_whole_and_as_the_cpu_path_makes_it(tmp_
     assert "truncated" in errors[paths.index(tmp_path / "truncated.jpg")]
 
 
+def test_bytes_pillow_cannot_identify_are_named_by_their_file(tmp_path: Path):
+    """Regression: the bytes read for the device decoder went to Pillow as `<_io.BytesIO object at 0x…>`."""
+    (tmp_path / "notes.jpg").write_text("not an image")
+    raw = decoder.RawImages(read_bytes, Images([tmp_path / "notes.jpg"], open_image, PREP))
+    assert raw[0][3] == f"UnidentifiedImageError: cannot identify image file '{tmp_path / 'notes.jpg'}'"
+
+
 @pytest.mark.parametrize("library", ["torchcodec", "torchvision"])
 def test_each_decoder_gives_pillows_pixels_on_the_cpu(library: str, monkeypatch: pytest.MonkeyPatch):
     """The batched decoders (TorchCodec where it loads, else torchvision's) equal Pillow's libjpeg decode."""

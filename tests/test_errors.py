@@ -41,7 +41,8 @@ def test_a_broken_image_in_the_second_of_two_processes(project: Path):
     run(project, "dvc", "repro", "prepare")
     rows = [line.split(",") for line in (project / "data/prepared/manifest.csv").read_text().splitlines()[1:]]
     last = [item for item, split, *_ in rows if split == "test"][-1]  # the last row extracted: rank 1's share
-    (project / "data/raw" / last).write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    path = project / "data/raw" / last
+    path.write_bytes(path.read_bytes()[:60])  # a whole header, so that scan lets it through: decoding tells
     error = failed_repro(project)
     assert error.startswith(f"error: rank 1 of 2: cannot read image '{last}'")
     assert not (project / "data/features").exists()
@@ -84,15 +85,40 @@ def imagefolder_project(project: Path, classes: tuple[str, ...] = ("cat", "dog")
 
 
 def test_a_mistyped_root_never_reuses_the_listing_of_the_old_one(project: Path):
-    """Regression: scan warned, kept the old listing, and every stage reused the old data's results."""
+    """Regression: scan warned, kept the old listing, and every stage reused the old data's results. Then: a root
+    that does not exist got that message about the listing, which never said that the folder is missing."""
     imagefolder_project(project)
     run(project, "dvc", "repro", "prepare")
     write_params(project, {"data": {"root": "data/raww"}})
+    assert failed_repro(project) == (
+        f"error: data.root = 'data/raww' does not exist (no {project / 'data/raww'}): fix data.root in params.yaml, "
+        "or put the images there, one folder per class"
+    )
+    (project / "data" / "raww").mkdir()  # there, but empty: what the listing was made of is the news
     assert failed_repro(project) == (
         "error: data/images.csv was made of imagefolder under 'data/raw', but params.yaml asks for imagefolder under "
         "'data/raww': fix data.root or data.source, or run dvc repro where data/raww holds the images so that scan "
         "lists them anew"
     )
+
+
+def test_a_text_file_named_jpg_stops_scan_under_raise_and_is_left_out_before_the_splits_under_skip(project: Path):
+    """Regression: `scan` and `prepare` let it through ("0 of them unusable"; prepare put it in val), and `extract`
+    failed with `cannot identify image file <_io.BytesIO object at 0x…>` and a false "run again to continue"."""
+    root = imagefolder_project(project, classes=("circle", "square")) / "data" / "raw"
+    (root / "circle" / "notes.jpg").write_text("shopping list: milk, eggs\n")
+    reason = "UnidentifiedImageError: cannot identify image file 'circle/notes.jpg'"
+    assert failed_repro(project) == (
+        f"error: cannot use image 'circle/notes.jpg': {reason} (1 such file(s); set data.on_bad_image: skip to leave "
+        "them out and list them in skipped.csv)"
+    )
+    assert not any((project / path).exists() for path in ("dvc.lock", "data/prepared", "data/features", "reports"))
+    write_params(project, {"data": {"on_bad_image": "skip"}})
+    run(project, "dvc", "repro", "prepare")
+    prepared = project / "data" / "prepared"
+    assert (prepared / "skipped.csv").read_text() == f"id,reason\ncircle/notes.jpg,{reason}\n"
+    assert "notes.jpg" not in (prepared / "manifest.csv").read_text()
+    assert json.loads((project / "reports/prepare/metrics.json").read_text())["skipped"] == 1
 
 
 def test_a_class_called_train_is_refused_in_one_line_then_taken_as_a_class(project: Path):

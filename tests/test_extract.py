@@ -4,6 +4,7 @@ import ast
 import hashlib
 import inspect
 import json
+import logging
 import shutil
 import subprocess
 import sys
@@ -187,7 +188,7 @@ ROW_CODE = (
     decoder.cpu_crop, decoder.RawImages, decoder.collate, decoder.jpeg_decoder, decoder._torchvision_decode,
     decoder.DeviceDecoder, decoder.on_device,
 )  # fmt: skip
-ROW_CODE_DIGESTS = {2: "4b6c7b18ca75f12d"}  # 1: the rows of every release before the backbone contract; 2: decode:
+ROW_CODE_DIGESTS = {2: "2c041bafbe2f64c3"}  # 1: the rows of every release before the backbone contract; 2: decode:
 # fast resizes a reduced JPEG from the region the photo covers (ROWS_CHANGED); the others kept their bytes
 
 
@@ -294,3 +295,39 @@ def test_each_device_type_has_its_own_row_store(tmp_path: Path):
         dirs.add(store.dir.name)
         store.close()
     assert len(dirs) == 3
+
+
+def interrupted_after(n: int, batches: list[list[str]]):
+    """(images, index, errors) batches of two images, with the errors given; Ctrl-C before batch ``n``."""
+    for k, errors in enumerate(batches):
+        if k == n:
+            raise KeyboardInterrupt
+        yield [torch.zeros(2, 3, 4, 4, dtype=torch.uint8)], torch.arange(2), errors
+
+
+@pytest.mark.parametrize(
+    "batches, stop, raised, said",
+    [
+        ([["UnidentifiedImageError: …", ""], ["", ""]], 9, PipelineError, None),  # nothing kept: nothing to say
+        ([["", ""], ["", "OSError: cut"]], 9, PipelineError, "2 of 4 new rows in {}: the next run starts from there"),
+        ([["", ""], ["", ""]], 1, KeyboardInterrupt, "2 of 4 new rows in {}: run again to continue"),
+        ([["", ""], ["", ""]], 0, KeyboardInterrupt, "0 of 4 new rows in {}: run again to continue"),
+    ],
+)  # fmt: skip
+def test_run_again_is_said_only_when_running_again_continues(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, batches, stop, raised, said
+):
+    """Regression: an unreadable image logged `kept 0 of 1 new rows … run again to continue`, and running again
+    failed the same way. Rows kept are said; "run again" only after an interruption."""
+    from pipeline.store import RowStore
+
+    keys = [bytes([k]) * 16 for k in range(4)]
+    work = [(keys[:2], ["original"]), (keys[2:], ["original"])]
+    store = RowStore(tmp_path / "store", segment=0, dim=2, dtype="float32")
+    step = lambda images, views: {"original": np.zeros((2, 2), np.float32)}  # noqa: E731
+    ids = {k: f"circle/{k[0]}.png" for k in keys}
+    with caplog.at_level(logging.INFO, logger="pipeline.extract"), pytest.raises(raised):
+        extract_module._extract_shard(step, interrupted_after(stop, batches), store, work, ids=ids, bar=False)
+    store.close()
+    kept = [r.getMessage() for r in caplog.records if r.getMessage().startswith("kept ")]
+    assert kept == ([f"kept {said.format(tmp_path / 'store')}"] if said else [])

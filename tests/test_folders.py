@@ -52,3 +52,23 @@ def test_a_class_called_train_is_a_class_under_layout_classes(tmp_path: Path):
     make_imagefolder(root / "train", classes=("x", "y"), per_class=2)  # train/ with subfolders of its own
     with pytest.raises(PipelineError, match="split folders"):
         folders.imagefolder_ids(root)
+
+
+@pytest.mark.parametrize(
+    ("source", "download", "message"),
+    [
+        ("imagefolder", False, "put the images there, one folder per class"),
+        ("cifar10", False, "put cifar-10-batches-py/ there, or set data.download: true"),
+        ("cifar10", True, None),  # prepare downloads it there
+        ("digits", False, None),  # bundled: no root is read
+    ],
+)
+def test_a_root_that_does_not_exist_is_said_first_where_the_source_reads_one(tmp_path: Path, source, download, message):
+    missing = tmp_path / "raww"
+    if message is None:
+        folders.check_root(source, missing, download=download)
+        return
+    with pytest.raises(PipelineError) as caught:
+        folders.check_root(source, missing, download=download)
+    said = f"data.root = '{missing}' does not exist (no {missing}): fix data.root in params.yaml, or {message}"
+    assert str(caught.value) == said

@@ -54,7 +54,7 @@ def test_problems_are_listed_with_their_reason(imagefolder: Path, tmp_path: Path
     (imagefolder / "cat" / "gone.jpg").symlink_to(imagefolder / "nowhere.jpg")
     (imagefolder / "cat" / "folder.jpg").mkdir()  # a name that looks like an image but cannot be read
     (imagefolder / "cat" / "empty.jpg").write_bytes(b"")
-    found = scan(imagefolder, tmp_path / "stat.json", check=images.image_problem)
+    found = scan(imagefolder, tmp_path / "stat.json", check="decode")
     assert found["cat/gone.jpg"] == listing.Entry("cat/gone.jpg", "", "dangling link: its target does not exist")
     assert found["cat/folder.jpg"].problem == "not a regular file (a directory): only regular files are read"
     assert found["cat/empty.jpg"].problem.startswith("UnidentifiedImageError") and found["cat/empty.jpg"].key
@@ -72,7 +72,49 @@ def test_a_decode_check_runs_once_a_file_even_when_switched_on_later(imagefolder
     cache = tmp_path / "stat.json"
     (imagefolder / "cat" / "empty.jpg").write_bytes(b"")
     assert scan(imagefolder, cache)["cat/empty.jpg"].problem == ""
-    assert scan(imagefolder, cache, check=images.image_problem)["cat/empty.jpg"].problem != ""
+    assert scan(imagefolder, cache, check="decode")["cat/empty.jpg"].problem != ""
+
+
+def test_every_header_is_checked_once_and_a_decode_only_where_asked(imagefolder: Path, tmp_path: Path):
+    """A file that Pillow cannot identify is found from its header alone, named by its id; a truncated one only
+    by a decode; and an unchanged file is never read again for a check it already had."""
+    (imagefolder / "cat" / "notes.jpg").write_text("not an image")
+    (imagefolder / "cat" / "cut.png").write_bytes((imagefolder / "cat" / "000.png").read_bytes()[:60])
+    settle(imagefolder)
+    os.utime(imagefolder / "cat" / "notes.jpg", ns=(10**18, 10**18))
+    cache, named = tmp_path / "stat.json", "UnidentifiedImageError: cannot identify image file 'cat/notes.jpg'"
+    first = scan(imagefolder, cache, check="header")
+    assert {i: e.problem for i, e in first.items() if e.problem} == {"cat/notes.jpg": named}
+    assert first["cat/notes.jpg"].key and first["cat/cut.png"].problem == ""  # its header is whole
+    assert images.header_problem(imagefolder / "cat" / "000.png", "cat/000.png") == ""
+    calls = {"header": 0, "decode": 0}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(images, "header_problem", lambda *args: calls.__setitem__("header", calls["header"] + 1) or "")
+        assert scan(imagefolder, cache, check="header") == first and calls["header"] == 0  # behind the stat cache
+        assert scan(imagefolder, cache, check="none")["cat/notes.jpg"].problem == ""  # a check not asked for
+    decoded = scan(imagefolder, cache, check="decode")
+    assert decoded["cat/notes.jpg"].problem == named and decoded["cat/cut.png"].problem.startswith("OSError")
+    assert scan(imagefolder, cache, check="header")["cat/cut.png"].problem == ""  # as if never decoded
+
+
+def test_a_reason_found_under_one_root_is_never_shown_under_another(tmp_path: Path):
+    """Regression: after data.root changed (the folder moved, its files' stat kept), the stat cache answered for
+    the files under the new root, with reasons that named the old one."""
+    old, new, cache = tmp_path / "raw", tmp_path / "photos", tmp_path / "stat.json"
+    make_imagefolder(old, classes=("circle", "square"), per_class=2)
+    (old / "circle" / "notes.jpg").write_text("not an image")
+    settle(old)
+    os.utime(old / "circle" / "notes.jpg", ns=(10**18, 10**18))
+    assert scan(old, cache, check="decode")["circle/notes.jpg"].problem.endswith("file 'circle/notes.jpg'")
+    old.rename(new)
+    read = []
+    with pytest.MonkeyPatch.context() as patch:
+        real_key = listing._key
+        patch.setattr(listing, "_key", lambda path: read.append(path) or real_key(path))
+        found = scan(new, cache, check="decode")
+    assert str(old) not in found["circle/notes.jpg"].problem
+    assert found["circle/notes.jpg"].problem == "UnidentifiedImageError: cannot identify image file 'circle/notes.jpg'"
+    assert len(read) == 5  # another root: nothing of the old one's cache is taken
 
 
 def test_the_listing_file_round_trips_and_its_layout_errors_name_the_folder(tmp_path: Path):

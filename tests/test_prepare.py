@@ -87,20 +87,31 @@ def test_skip_leaves_out_exactly_the_bad_images_and_reports_why(messy: Path):
     run_stage(messy, "extract")  # every image left in the manifest decodes
 
 
-def test_raise_stops_at_a_dangling_link_in_prepare_and_at_a_bad_image_in_extract(messy: Path):
-    result = run_stage(messy, "prepare", check=False)
+def test_raise_stops_scan_at_what_pillow_cannot_identify_and_extract_at_a_truncated_image(messy: Path):
+    """Every file is identified from its header in scan: under raise, what Pillow cannot identify stops the run
+    there, before any split; a truncated file only decoding tells, which extract does."""
+    unidentified = {"cat/bomb.png", "cat/dangling.jpg", "cat/empty.jpg", "cat/text.png"}
+    result = run_stage(messy, "prepare", check=False)  # scan, then prepare by hand: each refuses the listing
+    with open(messy / "data" / "images.csv", newline="") as f:
+        f.readline()
+        listed = {row["id"]: row["problem"] for row in csv.DictReader(f) if row["problem"]}
+    assert set(listed) == unidentified
+    assert listed["cat/text.png"] == "UnidentifiedImageError: cannot identify image file 'cat/text.png'"
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (
-        "error: cannot use image 'cat/dangling.jpg': dangling link: its target does not exist (1 such file(s); "
+        f"error: cannot use image 'cat/bomb.png': {listed['cat/bomb.png']} (4 such file(s); "
         "set data.on_bad_image: skip to leave them out and list them in skipped.csv)"
     )
-    (messy / "data" / "raw" / "cat" / "dangling.jpg").unlink()
+    assert listed["cat/bomb.png"].startswith("DecompressionBombError: Image size (400000000 pixels) exceeds limit")
+    for image_id in unidentified:
+        (messy / "data" / "raw" / image_id).unlink()
     run_stage(messy, "prepare")  # the others open: only decoding them tells, which extract does
     result = run_stage(messy, "extract", check=False)
     assert result.returncode == 2
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: cannot read image 'cat/") and any(name in last for name in BAD)
+    assert last.startswith("error: cannot read image 'cat/truncated.")
     assert not list((messy / "data" / "features").glob("*.h5"))
+    assert "run again" not in result.stderr  # running again fails the same way
 
 
 def test_sixteen_bit_images_are_scaled_not_clipped(tmp_path: Path):

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
-from pipeline import sources
+from pipeline import listing, sources
 from pipeline.config import DataConfig
 from pipeline.errors import PipelineError
 from tests.conftest import color_image, make_cifar, make_imagefolder
@@ -163,6 +163,18 @@ def test_a_reader_given_content_keys_refuses_a_file_that_changed_since_it_was_li
     (imagefolder / "cat" / "000.png").write_bytes((imagefolder / "cat" / "001.png").read_bytes())
     with pytest.raises(OSError, match="changed after the scan stage listed it"):
         reader("cat/000.png")
+
+
+def test_a_file_pillow_cannot_identify_is_named_by_its_id_not_by_a_bytes_object(imagefolder: Path):
+    """Regression: extract said `cannot identify image file <_io.BytesIO object at 0x…>`, read through the bytes
+    it checks against the listed key."""
+    (imagefolder / "cat" / "notes.jpg").write_text("not an image")
+    cfg = DataConfig(source="imagefolder", root=str(imagefolder))
+    keys = {"cat/notes.jpg": listing.content_hash((imagefolder / "cat" / "notes.jpg").read_bytes()).hexdigest()}
+    for reader in (sources.ImageReader(cfg, keys=keys), sources.ImageReader(cfg)):
+        with pytest.raises(UnidentifiedImageError) as caught:
+            reader("cat/notes.jpg")
+        assert str(caught.value) == "cannot identify image file 'cat/notes.jpg'"
 
 
 def test_a_class_whose_every_image_was_left_out_is_named_in_one_line():
