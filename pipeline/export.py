@@ -48,7 +48,8 @@ def export(head_path: Path, out_dir: Path) -> dict[str, Any]:
     """Write model.pt2 and model.json for the head at ``head_path``; returns the JSON written."""
     head, spec = heads.load_head(head_path)
     extractor, prep = backbones.extractor_for(spec["provenance"], precision="fp32")
-    model = Deployed(extractor, head).eval()
+    # frozen: load_head's parameters require grad, torch.export records that, and the output then requires grad
+    model = Deployed(extractor, head).eval().requires_grad_(False)
     size = prep.crop_size
     example = torch.zeros(2, 3, size, size, dtype=torch.uint8)
     batch = torch.export.Dim("batch", min=1, max=65536)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import tempfile
+import typing
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -12,7 +14,8 @@ import pytest
 from PIL import Image
 
 from pipeline import plots
-from tests.conftest import run
+from pipeline.config import HeadKind
+from tests.conftest import ROOT, run, write_params
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHARTS = {
@@ -38,6 +41,28 @@ def test_the_confusion_templates_are_dvcs_own_with_thinned_labels():
         for axis in ("x", "y"):
             assert ours["spec"]["encoding"][axis].pop("axis") == {"labelOverlap": True}
         assert ours == dvcs.DEFAULT_CONTENT
+
+
+def test_the_training_curves_name_the_step_of_each_head_on_their_x_axis(reproduced: Path):
+    """Regression: the x axis read "Epoch (logreg: the index of C in train.logreg_C)" whatever the head."""
+    for head in typing.get_args(HeadKind):
+        write_params(reproduced, {"train": {"head": head}})  # what dvc.yaml's plots read: nothing re-runs
+        shown = json.loads(run(reproduced, "dvc", "plots", "show", "--json").stdout)
+        assert "errors" not in shown, shown["errors"]
+        for chart in ("loss", "accuracy"):
+            (plot,) = shown["data"][chart]
+            axis = "Index of C in train.logreg_C" if head == "logreg" else "Epoch"
+            assert plot["content"]["encoding"]["x"]["title"] == axis, (head, chart)
+
+
+def test_the_templates_of_the_training_curves_differ_in_the_x_axis_alone():
+    """.dvc/plots/epochs_<head>.json, one per head (dvc.yaml picks one by train.head): the same chart but its x axis."""
+    templates = {h: json.loads((ROOT / f".dvc/plots/epochs_{h}.json").read_text()) for h in typing.get_args(HeadKind)}
+    axes = {head: template["encoding"]["x"].pop("title") for head, template in templates.items()}
+    assert axes == {"linear": "Epoch", "mlp": "Epoch", "logreg": "Index of C in train.logreg_C"}
+    for template in templates.values():
+        del template["description"]
+    assert all(template == templates["mlp"] for template in templates.values())
 
 
 class Charts(HTMLParser):

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -66,9 +67,28 @@ def test_predict_takes_folders(trained: Path):
     assert result.stdout.count("data/raw/owl/") == 10
 
 
-def test_export_runs_in_a_fresh_process_without_this_package(trained: Path, tmp_path: Path):
-    run(trained, "python", "-m", "pipeline.export", "--out", str(tmp_path / "export"))
-    meta = json.loads((tmp_path / "export" / "model.json").read_text())
+@pytest.fixture(scope="module")
+def exported(trained: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`python -m pipeline.export` of the trained head: model.pt2 and model.json."""
+    out = tmp_path_factory.mktemp("export") / "export"
+    run(trained, "python", "-m", "pipeline.export", "--out", str(out))
+    return out
+
+
+def test_the_exported_model_is_frozen_and_runs_without_warnings(exported: Path):
+    """Regression: the program kept the head's parameters trainable, so its probabilities required grad."""
+    size = json.loads((exported / "model.json").read_text())["preprocessing"]["crop_size"]
+    crops = torch.randint(0, 256, (3, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        program = torch.export.load(exported / "model.pt2").module()
+        probs = program(crops)
+    assert not probs.requires_grad and not any(p.requires_grad for p in program.parameters())
+    torch.testing.assert_close(probs.sum(1), torch.ones(3))
+
+
+def test_export_runs_in_a_fresh_process_without_this_package(trained: Path, exported: Path, tmp_path: Path):
+    meta = json.loads((exported / "model.json").read_text())
     assert meta["class_names"] == ["cat", "dog", "owl"]
     images = [str(trained / p) for p in images_of_test_split(trained)]
     script = """
@@ -89,6 +109,6 @@ for path in sys.argv[2:]:
 print(json.dumps(program(torch.stack(crops)).tolist()))
 """
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
-    out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "export"), *images], cwd=tmp_path, env=env,
+    out = subprocess.run([sys.executable, "-c", script, str(exported), *images], cwd=tmp_path, env=env,
                          capture_output=True, text=True, check=True)  # fmt: skip
     np.testing.assert_allclose(np.array(json.loads(out.stdout)), cached_probabilities(trained), atol=1e-4)
