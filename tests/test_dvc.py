@@ -214,6 +214,7 @@ def test_digits_pipeline_end_to_end_with_metrics_and_plots(project: Path):
     plots = run(project, "dvc", "plots", "show", "--json").stdout
     assert "confusion_matrix.json" in plots and "loss.tsv" in plots
     assert metrics_width(project) <= 160
+    assert_readme_metrics_match(run(project, "dvc", "metrics", "show").stdout)
 
 
 def metrics_width(project: Path) -> int:
@@ -337,3 +338,54 @@ def test_each_stage_run_alone_with_no_arguments_writes_what_dvc_repro_would(imag
     assert status.split() == [
         "scan:", "always", "changed", "extract:", "changed", "outs:", "modified:", "reports/extract/metrics.json"
     ], status  # fmt: skip
+
+
+def test_a_queued_sweep_over_backbones_sees_the_images_that_dvc_tracks(reproduced: Path):
+    """The README's way to one's own images: `dvc add data/raw` and a commit. Queued runs start from a clone of
+    the last commit, so untracked images never reach them (scan then kept the old listing: "no images in
+    data/raw"); images that DVC tracks are checked out there, three new ones included."""
+    project = reproduced
+    rng = np.random.default_rng(12)
+    for k, name in enumerate(("cat", "dog", "owl")):
+        color_image(rng, k).save(project / "data" / "raw" / name / "new.png")
+    git(project, "rm", "-r", "-q", "--cached", "data/raw")  # the fixture committed the images to git
+    run(project, "dvc", "add", "data/raw")
+    git(project, "add", "data/raw.dvc", "data/.gitignore")
+    git(project, "commit", "-qm", "images versioned by DVC")
+    run(project, "dvc", "exp", "run", "--queue", "-S", "extract.arch=vgg11,resnet18")
+    result = run(project, "dvc", "exp", "run", "--run-all")
+    assert "keeping the listing" not in result.stdout + result.stderr, result.stdout
+    shown = json.loads(run(project, "dvc", "exp", "show", "--json").stdout)
+    revs = [rev for commit in shown for exp in commit.get("experiments") or [] for rev in exp["revs"]]
+    found = {}
+    for rev in revs:
+        assert rev["error"] is None, (rev, result.stdout)  # `--run-all` exits 0 when an experiment fails
+        listing = run(project, "git", "show", f"{rev['rev']}:data/images.csv").stdout.splitlines()[2:]
+        arch = rev["data"]["params"]["params.yaml"]["data"]["extract"]["arch"]
+        extract = rev["data"]["metrics"]["reports/extract/metrics.json"]["data"]
+        found[arch] = (len(listing), extract["extracted"], extract["reused"])
+    assert found == {
+        "vgg11": (33, 3, 30),  # the committed backbone: 30 rows taken from the recorded features
+        "resnet18": (33, 33, 0),  # a new backbone: every image through the network
+    }
+
+
+def metrics_rows(table: str) -> tuple[list[str], dict[str, dict[str, str]]]:
+    """`dvc metrics show`'s columns, and each file's row as {column: value}."""
+    header, *rows = (line.split() for line in table.strip().splitlines())
+    return header, {row[0]: dict(zip(header[1:], row[1:], strict=True)) for row in rows}
+
+
+def assert_readme_metrics_match(shown: str) -> None:
+    """The README's example `dvc metrics show` (the digits, default parameters) against a digits run: the same
+    columns, split counts and images extracted, and values in the same cells; the accuracies vary, unchecked.
+    Counts depend on data.* and seed alone, so the test project's faster backbone gives the same."""
+    (example,) = re.findall(r"```\n(Path .*?)```", (ROOT / "README.md").read_text(), re.S)
+    columns, rows = metrics_rows(shown)
+    readme_columns, readme_rows = metrics_rows(example)
+    assert columns == readme_columns
+    assert list(rows) == list(readme_rows)
+    for path in ("reports/prepare/metrics.json", "reports/extract/metrics.json"):
+        assert rows[path] == readme_rows[path], path
+    filled = {path: {k for k, v in row.items() if v != "-"} for path, row in rows.items()}
+    assert filled == {path: {k for k, v in row.items() if v != "-"} for path, row in readme_rows.items()}
