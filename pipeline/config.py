@@ -54,7 +54,7 @@ class DataConfig:
     val_fraction: float = _range(0.1, 0.0, 0.9, lo_open=True)
     test_fraction: float = _range(0.2, 0.0, 0.9, lo_open=True)
     per_class_limit: int = _range(0, 0)
-    on_bad_image: Literal["raise", "skip"] = "raise"  # skip: prepare decodes every image and leaves bad ones out
+    on_bad_image: Literal["raise", "skip"] = "raise"  # skip: scan decodes every image, prepare leaves bad ones out
 
 
 @dataclass(frozen=True)
