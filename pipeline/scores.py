@@ -45,7 +45,8 @@ def score(
             (probs.argmax(1), probs.max(1), probs[np.arange(len(y)), y], _in_top_k(probs, y, top_k),
              *positive_scores(probs, y, one_in=one_in, rng=rng))
         )  # fmt: skip
-    assert per_block and start == len(labels), f"{start} rows of probabilities for {len(labels)} labels"
+    if not per_block or start != len(labels):
+        raise ValueError(f"{start} rows of probabilities for {len(labels)} labels")
     fields = [None if parts[0] is None else np.concatenate(parts) for parts in zip(*per_block, strict=True)]
     return Scores(probs.shape[1], top_k, one_in, *fields)  # pred … weight, in the order of Scores' fields
 
@@ -121,7 +122,8 @@ def positive_scores(
     if one_in == 1:
         onehot = np.eye(probs.shape[1], dtype=bool)[labels]
         return onehot.ravel(), probs.astype(np.float64).ravel(), None
-    assert rng is not None, "sampled pairs need a random generator"
+    if rng is None:
+        raise ValueError("sampled pairs need a random generator")
     classes = probs.shape[1]
     positives = np.arange(len(labels)) * classes + labels  # flat indices into probs
     drawn = rng.choice(probs.size, size=rng.binomial(probs.size, 1 / one_in), replace=False, shuffle=False)

@@ -50,7 +50,8 @@ def assign(
     ``carve``: the splits to carve out of a train/ folder (the others have folders of their own); None splits the
     images into all three."""
     made = {"val", "test"} if carve is None else set(carve)
-    assert made <= {"val", "test"}, f"only val and test are carved out of train, not {sorted(made)}"
+    if not made <= {"val", "test"}:
+        raise ValueError(f"only val and test are carved out of train, not {sorted(made)}")
     bands = {"test": (0.0, test_fraction), "val": (test_fraction, test_fraction + val_fraction)}
     bands["train"] = (test_fraction + val_fraction, 1.0)
     u = [position(c, i, seed) for i, c in zip(ids, class_names, strict=True)]

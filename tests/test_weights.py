@@ -114,7 +114,7 @@ def resnet18_state(**changes: torch.Tensor) -> dict[str, torch.Tensor]:
      ({"epoch": 3, "optimizer": {"lr": torch.tensor(0.1)}},
       ["holds a dict of 'epoch', 'optimizer'", "model | state_dict | model_state_dict", "model.state_dict()"]),
      ({"model": resnet18_state(), "config": Image.new("RGB", (1, 1))},
-      ["holds a Python object (PIL.Image.Image)", "weights_only=False)['model']"]),
+      ["holds a Python object (PIL.Image.Image)", "torch.save(checkpoint['model']"]),
      (b"not a checkpoint", ["is not a loadable state dict"])],
 )  # fmt: skip
 def test_a_file_that_does_not_fit_is_refused_in_one_line_that_names_the_keys(tmp_path: Path, content, fragments):

@@ -76,8 +76,8 @@ def read_state(path: Path) -> dict[str, torch.Tensor]:
             raise PipelineError(f"{path} is not a loadable state dict: {_first_line(err)}") from None
         raise PipelineError(  # weights_only met a Python object other than SAFE's
             f"{path} holds a Python object ({found.group(2)}) besides tensors, which is never unpickled here "
-            "(torch.load's weights_only). If you trust the file, save its state dict alone: "
-            "torch.save(torch.load(path, weights_only=False)['model'], 'weights.pth'), with the key that holds it"
+            "(torch.load's weights_only): where it was trained, save the state dict alone, "
+            "torch.save(checkpoint['model'], 'weights.pth'), with the key that holds it"
         ) from None
     except Exception as err:  # torch raises many types for a damaged or foreign file
         raise PipelineError(f"{path} is not a loadable state dict: {_first_line(err)}") from None
@@ -152,7 +152,8 @@ def load(
     problems = _misfits(keys, state, own)
     if problems:
         raise PipelineError(f"{source} does not fit {target}: {problems}. It must hold the weights of this model")
-    foreign = [k for k in state if k not in (own if known is None else set(known))]
+    known = own.keys() if known is None else set(known)
+    foreign = [k for k in state if k not in known]
     if foreign:
         log.warning("%s: %d of its tensors are not in %s (%s): the weights of another model?",
                     source, len(foreign), target, _few(foreign))  # fmt: skip
