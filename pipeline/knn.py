@@ -5,7 +5,7 @@ neither the (test, train) similarity matrix nor the training split is ever whole
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -27,30 +27,73 @@ def knn_predict(
     """The k-NN class of each (N, D) test row, the training split given as consecutive blocks of (rows, D)
     features and (rows,) labels; with fewer than k training rows, all are neighbours. Ties in similarity go to
     the earlier training row, ties in votes to the lower class: the classes do not depend on the block sizes."""
+    classes: list[torch.Tensor] = []  # every training row's class: 8 bytes a row, all that stays of the split
+
+    def rows() -> Iterator[np.ndarray]:
+        for x, y in train:
+            classes.append(torch.as_tensor(y, device=device))
+            yield x
+
+    sims, ids = nearest(rows(), test, k=k, device=device, block_rows=block_rows)
+    labels = torch.cat(classes)
+    votes = [
+        _vote(sims[a : a + block_rows], labels[ids[a : a + block_rows]], temperature)
+        for a in range(0, len(ids), block_rows)
+    ]
+    return torch.cat(votes).cpu().numpy() if votes else np.zeros(0, dtype=np.int64)
+
+
+@torch.inference_mode()
+def nearest(
+    keys: Iterable[np.ndarray],
+    queries: np.ndarray,
+    *,
+    k: int,
+    device: torch.device,
+    block_rows: int = BLOCK_ROWS,
+    exclude: np.ndarray | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k key rows of highest cosine similarity to each (N, D) query row, the keys given as consecutive
+    blocks of (rows, D) features numbered from 0: (N, min(k, keys)) similarities, descending, and key row
+    numbers, ties to the lower row. ``exclude``: (N,) the key row that is no neighbour of each query (the query
+    itself, where queries and keys are one split), -1 for none; with fewer than k + 1 keys it may still be
+    listed, at similarity -inf."""
     if k < 1 or block_rows < 1:
         raise ValueError(f"k = {k} and block_rows = {block_rows}: both must be at least 1")
-    queries = [_unit(test[a : a + block_rows], device) for a in range(0, len(test), block_rows)]
-    # each block of test rows' candidates: a (rows, <= k) top k of similarities and training row numbers from each
-    # block of training rows, merged into one once they are a block wide (rather than after every block: a merge
+    queries_t = [_unit(queries[a : a + block_rows], device) for a in range(0, len(queries), block_rows)]
+    skip = None if exclude is None else torch.as_tensor(np.asarray(exclude, dtype=np.int64), device=device)
+    # each block of query rows' candidates: a (rows, <= k) top k of similarities and key row numbers from each
+    # block of key rows, merged into one once they are a block wide (rather than after every block: a merge
     # is a dozen small operations, which cost more than the block's top k itself on a busy 2-core CPU)
-    found: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in queries]
-    classes: list[torch.Tensor] = []  # every training row's class: 8 bytes a row, all that stays of the split
-    for x, y in train:
+    found: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in queries_t]
+    seen = 0
+    for x in keys:
         for a in range(0, len(x), block_rows):
-            keys = _unit(x[a : a + block_rows], device).T.contiguous()  # (D, rows): a faster product than .T alone
-            seen = sum(map(len, classes))
-            rows = torch.arange(seen, seen + keys.shape[1], device=device)
-            classes.append(torch.as_tensor(y[a : a + block_rows], device=device))
-            for i, q in enumerate(queries):
-                sims, pos = _top(q @ keys, rows, k)
-                found[i].append((sims, rows[pos]))
+            block = _unit(x[a : a + block_rows], device).T.contiguous()  # (D, rows): a faster product than .T alone
+            rows = torch.arange(seen, seen + block.shape[1], device=device)
+            for i, q in enumerate(queries_t):
+                sims = q @ block
+                if skip is not None:
+                    _leave_out(sims, skip[i * block_rows : i * block_rows + len(q)] - seen)
+                top, pos = _top(sims, rows, k)
+                found[i].append((top, rows[pos]))
                 if len(found[i]) * k >= block_rows:
                     found[i] = [_merged(found[i], k)]
-    if not classes:
+            seen += block.shape[1]
+    if not seen:
         raise ValueError("k-NN needs training rows: the training blocks were empty")
-    labels = torch.cat(classes)
-    votes = [_vote(*_ranked(*_merged(candidates, k), labels), temperature) for candidates in found]
-    return torch.cat(votes).cpu().numpy() if votes else np.zeros(0, dtype=np.int64)
+    ranked = [_ranked(*_merged(candidates, k)) for candidates in found]
+    if not ranked:
+        return torch.zeros(0, min(k, seen), device=device), torch.zeros(
+            0, min(k, seen), dtype=torch.long, device=device
+        )
+    return torch.cat([s for s, _ in ranked]), torch.cat([i for _, i in ranked])
+
+
+def _leave_out(sims: torch.Tensor, cols: torch.Tensor) -> None:
+    """Set each row's similarity at ``cols`` (a column of this block, or outside it) to -inf, in place."""
+    rows = ((cols >= 0) & (cols < sims.shape[1])).nonzero()[:, 0]
+    sims[rows, cols[rows]] = -torch.inf
 
 
 def _unit(x: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -81,12 +124,12 @@ def _merged(candidates: list[tuple[torch.Tensor, torch.Tensor]], k: int) -> tupl
     return sims, ids.gather(1, pos)
 
 
-def _ranked(sims: torch.Tensor, ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The neighbours' similarities and classes by descending similarity, then training row: the votes' sums
-    then add in one order, whatever the blocks were."""
+def _ranked(sims: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The neighbours' similarities and row numbers by descending similarity, then row: the votes' sums then add
+    in one order, whatever the blocks were."""
     order = ids.argsort(dim=1)
     sims, ranks = sims.gather(1, order).sort(dim=1, descending=True, stable=True)
-    return sims, labels[ids.gather(1, order.gather(1, ranks))]
+    return sims, ids.gather(1, order.gather(1, ranks))
 
 
 def _vote(sims: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
