@@ -121,7 +121,8 @@ def pipeline_extract(root: Path, work: Path, tag: str, extract: dict[str, Any]) 
         shutil.copytree(done / "prepared", run_dir / "prepared")
     else:
         measured([sys.executable, "-m", "pipeline.scan", "--out", "images.csv"], run_dir)
-        prepare = ["--images", "images.csv", "--out", "prepared", "--metrics", "prepare.json"]
+        prepare = ["--images", "images.csv", "--corrections", "corrections.csv"]  # none there: no corrections
+        prepare += ["--out", "prepared", "--metrics", "prepare.json"]
         measured([sys.executable, "-m", "pipeline.prepare", *prepare], run_dir)
         _PREPARED[key] = run_dir
     for previous in (".feature-store", "features"):  # the recorded features seed an empty store: remove both

@@ -104,12 +104,23 @@ class EvaluateConfig:
 
 
 @dataclass(frozen=True)
+class AuditConfig:
+    k: int = _range(10, 1)  # neighbours of each image in train: its label votes and its outlier score
+    duplicate_ratio: float = _range(
+        0.5, 0.0, 1.0
+    )  # near-duplicates: closer than this x the second neighbour's distance
+    outlier_z: float = _range(10.0, 0.0, lo_open=True)  # outliers: mean neighbour distance this many robust SDs out
+    temperature: float = _range(0.07, 0.0, lo_open=True)  # of the label votes, exp(similarity / T), as knn_acc's
+
+
+@dataclass(frozen=True)
 class Params:
     seed: int = _range(0, 0, 2**32 - 1)
     data: DataConfig = field(default_factory=DataConfig)
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
 
 
 def dvc_path(name: str, dvc_yaml: str | Path = "dvc.yaml") -> Path:

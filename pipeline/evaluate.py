@@ -13,22 +13,20 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 from sklearn import metrics as skm
 from tqdm import tqdm
 
-from pipeline import features, heads, knn, sources
-from pipeline.config import DataConfig, EvaluateConfig, load_params, to_dict, with_dvc_paths
+from pipeline import features, heads, knn, sheets
+from pipeline.config import EvaluateConfig, load_params, to_dict, with_dvc_paths
 from pipeline.errors import PipelineError, run_stage
 from pipeline.files import replaced
 from pipeline.hardware import resolve_device
-from pipeline.images import IMAGE_ERRORS
 from pipeline.provenance import check_provenance, identity
 from pipeline.scores import Scores, balanced_accuracy, compute_metrics, score
 
 log = logging.getLogger(__name__)
 
-THUMB = 128  # contact-sheet tile side, pixels
 WORST_COUNT = 16
 PER_CLASS = "per_class.json"  # in the live directory: a plot's data, not a metric
 PER_CLASS_TABLE = "per_class.csv"  # every class, whatever their number
@@ -103,56 +101,13 @@ def knn_metrics(
     return {"knn_acc": float(np.mean(pred == test.labels))}
 
 
-def test_images(cfg: DataConfig, ids: Sequence[str]) -> list[Image.Image | None]:
-    """The images of ``ids``, or None for those not at hand: a clone that pulled the features and not the
-    images still evaluates (the features already change whenever an image does)."""
-    found: list[Image.Image | None] = []
-    problem = None
-    try:
-        reader = sources.ImageReader(cfg, reduce_for=THUMB)  # a photo decodes at a fraction of its size
-    except PipelineError as err:
-        reader, problem = None, err
-    for item_id in ids:
-        try:
-            found.append(reader(item_id) if reader else None)
-        except (PipelineError, *IMAGE_ERRORS) as err:
-            found.append(None)
-            problem = problem or err
-    if problem:
-        missing = sum(image is None for image in found)
-        log.warning("the contact sheet shows %d of %d images by id only: %s", missing, len(ids), problem)
-    return found
-
-
-def contact_sheet(
-    images: Sequence[Image.Image | None], captions: Sequence[str], *, thumb: int = THUMB, columns: int = 4
-) -> Image.Image:
-    """A grid of thumbnails, each with its caption underneath; a missing image is a grey tile with its caption."""
-    rows = max(1, -(-len(images) // columns))
-    caption_h = 14
-    sheet = Image.new("RGB", (columns * thumb, rows * (thumb + caption_h)), "white")
-    draw = ImageDraw.Draw(sheet)
-    for i, (image, caption) in enumerate(zip(images, captions, strict=True)):
-        x, y = (i % columns) * thumb, (i // columns) * (thumb + caption_h)
-        if image is None:
-            draw.rectangle((x + 1, y + 1, x + thumb - 2, y + thumb - 2), fill="lightgrey")
-            draw.text((x + 6, y + thumb // 2 - 6), "image not here", fill="black")
-            draw.text((x + 2, y + thumb + 1), caption, fill="black")
-            continue
-        k = thumb / max(image.size)  # tiny images (8x8 digits) are scaled up with their pixels kept sharp
-        size = (max(1, round(image.width * k)), max(1, round(image.height * k)))
-        small = image.resize(size, Image.NEAREST if k > 1 else Image.BILINEAR)
-        sheet.paste(small, (x + (thumb - small.width) // 2, y + (thumb - small.height) // 2))
-        draw.text((x + 2, y + thumb + 1), caption, fill="black")
-    return sheet
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--features", type=Path, help="directory with val.h5 and test.h5")
     parser.add_argument("--head", type=Path, help="head file written by train")
+    parser.add_argument("--audit", type=Path, help="the audit stage's directory: its leaks")
     parser.add_argument("--live", type=Path, help="dvclive directory for metrics and plots")
-    args = with_dvc_paths(parser.parse_args(), features="features", head="head", live="evaluate_live")
+    args = with_dvc_paths(parser.parse_args(), features="features", head="head", audit="audit", live="evaluate_live")
     params = load_params()
     log.info("evaluate params: %s", to_dict(params.evaluate))
     model, spec = heads.load_head(args.head)
@@ -163,6 +118,8 @@ def main() -> None:
     scores = score(test_probs, test.labels, top_k=params.evaluate.top_k, seed=params.seed)
     val_accuracy = skm.accuracy_score(val.labels, val_pred)
     results = compute_metrics(scores, test.labels, val_accuracy=val_accuracy, seed=params.seed)
+    leaked = np.isin(test.ids, sorted(leaks(args.audit / "issues.csv")))
+    results["acc_unseen"] = float(np.mean(scores.pred[~leaked] == test.labels[~leaked])) if (~leaked).any() else 0.0
     expected = identity(spec["provenance"])
     device = resolve_device(params.train.device)
     results |= knn_metrics(params.evaluate, args.features / "train.h5", test, expected=expected, device=device)
@@ -171,6 +128,10 @@ def main() -> None:
         "test accuracy %.4f (95%% interval %.4f to %.4f over %d images), macro F1 %.4f, balanced accuracy %.4f",
         results["accuracy"], results["acc_lo"], results["acc_hi"], len(test.labels), results["macro_f1"],
         balanced_accuracy(scores.pred, test.labels),
+    )  # fmt: skip
+    log.info(
+        "test accuracy without the %d test images that have a near-duplicate in train (the audit's leaks): %.4f",
+        int(leaked.sum()), results["acc_unseen"],
     )  # fmt: skip
     if "knn_acc" in results:
         log.info(
@@ -188,9 +149,17 @@ def main() -> None:
     captions = [
         f"{class_names[test.labels[i]]} -> {class_names[scores.pred[i]]} ({scores.pred_prob[i]:.2f})" for i in worst
     ]
-    sheet = contact_sheet(test_images(params.data, [test.ids[i] for i in worst]), captions)
+    sheet = sheets.contact_sheet(sheets.images(params.data, [test.ids[i] for i in worst]), captions)
     with replaced(args.live) as live_dir:
         _write_outputs(live_dir, results, classes, scores, test.labels, class_names=class_names, sheet=sheet)
+
+
+def leaks(issues: Path) -> set[str]:
+    """The ids of the test images that the audit found with a near-duplicate in train."""
+    if not issues.is_file():
+        raise PipelineError(f"{issues} not found: run the audit stage first (dvc repro audit)")
+    with open(issues, newline="", encoding="utf-8") as f:
+        return {row["id"] for row in csv.DictReader(f) if row["kind"] == "leak" and row["split"] == "test"}
 
 
 def _read_split(path: Path, spec: dict[str, Any]) -> features.FeatureSet:

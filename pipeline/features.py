@@ -192,6 +192,12 @@ def read_provenance(path: Path) -> dict[str, Any]:
         return _provenance(f)
 
 
+def read_ids(path: Path) -> list[str]:
+    """The item id of each row, in row order."""
+    with _open(path) as f:
+        return [s.decode("utf-8") for s in f["ids"][:]]
+
+
 def read_features(path: Path) -> FeatureSet:
     """Load a whole split, every cached view, as float32."""
     with _open(path) as f:

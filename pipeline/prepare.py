@@ -9,7 +9,7 @@ import json
 import logging
 from pathlib import Path
 
-from pipeline import listing, sources
+from pipeline import corrections, listing, sources
 from pipeline.config import load_params, to_dict, with_dvc_paths
 from pipeline.errors import run_stage
 from pipeline.files import replaced
@@ -31,22 +31,28 @@ def main() -> None:
     parser.add_argument("--images", type=Path, help="the scan stage's listing of data.root")
     parser.add_argument("--out", type=Path, help="directory for manifest.csv and classes.json")
     parser.add_argument("--metrics", type=Path, help="JSON file for image counts")
-    args = with_dvc_paths(parser.parse_args(), images="images", out="prepared", metrics="prepare_metrics")
+    parser.add_argument("--corrections", type=Path, help="CSV of images to drop or relabel (pipeline.corrections)")
+    args = with_dvc_paths(
+        parser.parse_args(), images="images", out="prepared", metrics="prepare_metrics", corrections="corrections"
+    )
     params = load_params()
     cfg = params.data
     log.info("data params: %s", to_dict(cfg))
+    fixes = corrections.read(args.corrections)  # a bad row stops the run before any listing work
     origin = listing.Origin(cfg.source, cfg.root)
     entries = listing.read(args.images, origin) if cfg.source == "imagefolder" else None
     bad = listing.unusable(entries, cfg.on_bad_image) if entries is not None else {}  # under raise, scan stops first
     for image_id, reason in sorted(bad.items()):
         log.warning("skipping %s: %s", image_id, reason)
     items, classes = sources.discover(cfg, params.seed, entries, exclude=frozenset(bad))
+    items, fixed = corrections.apply(items, classes, fixes)  # after the splits: a relabelled image keeps its split
+    log.info("corrections (%s): %s", args.corrections, ", ".join(f"{n} {what}" for what, n in fixed.items()))
     with replaced(args.out) as out:
         sources.write_manifest(out, items, classes)
         write_skipped(out / SKIPPED, bad)
     counts = collections.Counter(it.split for it in items)
-    # short keys: `dvc metrics show` puts every key of every metrics file in one line
-    summary = {"skipped": len(bad)} | {split: counts[split] for split in sources.SPLITS}  # images: their sum
+    summary = {"skipped": len(bad), "corrected": fixed["dropped"] + fixed["relabeled"]}
+    summary |= {split: counts[split] for split in sources.SPLITS}  # images: their sum
     with replaced(args.metrics) as metrics:
         metrics.write_text(json.dumps(summary, indent=1) + "\n")
     log.info(

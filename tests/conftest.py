@@ -20,11 +20,11 @@ from PIL import Image
 from pipeline.config import defaults
 
 ROOT = Path(__file__).resolve().parents[1]
-# What a test project copies of this repository: its code and DVC set-up, and of data/raw only the README (the
-# user's images there are not the repository's)
+# What a test project copies of this repository: its code, DVC set-up and corrections file, and of data/raw only the
+# README (the user's images there are not the repository's)
 PROJECT_FILES = (
     "dvc.yaml", "pipeline", ".dvc/config", ".dvc/.gitignore", ".dvc/plots", ".dvcignore", ".gitignore",
-    "data/raw/README.md",
+    "data/raw/README.md", "data/corrections.csv",
 )  # fmt: skip
 
 # Fast settings for end-to-end runs: random weights, the smallest VGG, small images, few epochs.
@@ -260,10 +260,13 @@ def write_blob_features(out_dir: Path, *, n: int = 90, dim: int = 16, seed: int 
 # The paths dvc.yaml passes to each stage.
 STAGE_ARGS = {
     "scan": ["--out", "data/images.csv"],
-    "prepare": ["--images", "data/images.csv", "--out", "data/prepared", "--metrics", "reports/prepare/metrics.json"],
+    "prepare": ["--images", "data/images.csv", "--corrections", "data/corrections.csv"]
+    + ["--out", "data/prepared", "--metrics", "reports/prepare/metrics.json"],
     "extract": ["--prepared", "data/prepared", "--out", "data/features", "--metrics", "reports/extract/metrics.json"],
     "train": ["--features", "data/features", "--out", "models/head.pt", "--live", "reports/train"],
-    "evaluate": ["--features", "data/features", "--head", "models/head.pt", "--live", "reports/evaluate"],
+    "audit": ["--prepared", "data/prepared", "--features", "data/features", "--out", "reports/audit"],
+    "evaluate": ["--features", "data/features", "--head", "models/head.pt", "--audit", "reports/audit"]
+    + ["--live", "reports/evaluate"],
 }
 
 

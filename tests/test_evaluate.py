@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from sklearn import metrics as skm
 
-from pipeline import evaluate, features, heads
+from pipeline import evaluate, features, heads, sheets
 from pipeline.config import parse_params
 from pipeline.scores import balanced_accuracy, compute_metrics, score
 from tests.conftest import metrics_of, random_problem, run_stage, write_blob_features, write_params
@@ -132,11 +132,24 @@ def _train(project: Path) -> None:
     run_stage(project, "train")
 
 
+def _audited(project: Path, leaked: list[str]) -> None:
+    """An audit's issues.csv with ``leaked`` test ids as leaks, and a label finding that is no leak."""
+    audit_dir = project / "reports" / "audit"
+    audit_dir.mkdir(parents=True, exist_ok=True)
+    rows = [f"{i},,,test,a,leak,1,train/x,,train," for i in leaked] + ["digits/0001,,,test,a,label,0.9,,,,b"]
+    header = "id,key,path,split,label,kind,score,other_id,other_path,other_split,suggested"
+    (audit_dir / "issues.csv").write_text("\n".join([header, *rows]) + "\n")
+
+
 def test_evaluate_stage_writes_metrics_per_class_results_and_a_named_confusion_matrix(project: Path):
     _train(project)
+    test_ids = features.read_ids(project / "data" / "features" / "test.h5")
+    _audited(project, test_ids[:30])  # a third of the test images
     result = run_stage(project, "evaluate")
     metrics = json.loads((project / "reports" / "evaluate" / "metrics.json").read_text())
-    assert metrics["accuracy"] > 0.9 and len(metrics) == 6  # 3 classes: no top-5
+    assert metrics["accuracy"] > 0.9 and len(metrics) == 7  # 3 classes: no top-5
+    assert "without the 30 test images that have a near-duplicate in train" in result.stderr
+    assert 0.9 < metrics["acc_unseen"] <= 1.0
     assert metrics["knn_acc"] > 0.9 and "k-NN accuracy" in result.stderr
     rows = json.loads((project / "reports" / "evaluate" / "per_class.json").read_text())
     assert [r["class"] for r in rows] == ["a", "b", "c"] and sum(r["support"] for r in rows) == 90
@@ -149,6 +162,7 @@ def test_evaluate_stage_writes_metrics_per_class_results_and_a_named_confusion_m
 
 def test_evaluate_stage_refuses_features_from_another_class_list(project: Path):
     _train(project)
+    _audited(project, [])
     write_blob_features(project / "data" / "features", class_names=["a", "b", "z"])
     result = run_stage(project, "evaluate", check=False)
     assert result.returncode == 2
@@ -157,7 +171,7 @@ def test_evaluate_stage_refuses_features_from_another_class_list(project: Path):
 
 def test_the_contact_sheet_shows_missing_images_by_id(tmp_path: Path):
     cfg = parse_params({"data": {"source": "imagefolder", "root": str(tmp_path / "gone")}}).data
-    images = evaluate.test_images(cfg, ["cat/001.png", "dog/002.png"])
+    images = sheets.images(cfg, ["cat/001.png", "dog/002.png"])
     assert images == [None, None]
-    sheet = evaluate.contact_sheet(images, ["cat -> dog (0.90)", "dog -> cat (0.80)"], thumb=64, columns=2)
+    sheet = sheets.contact_sheet(images, ["cat -> dog (0.90)", "dog -> cat (0.80)"], thumb=64, columns=2)
     assert sheet.size == (128, 64 + 14)

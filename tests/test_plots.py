@@ -138,6 +138,8 @@ def test_every_chart_draws_in_a_browser_without_network(page: Path):
         assert {"cat", "dog", "owl"} <= set(charts.texts[chart])  # class names on the axes
     assert {"Loss per epoch", "train/loss.tsv", "val/loss.tsv"} <= set(charts.texts["loss"])
     assert any(text.startswith("cat (") for text in charts.texts["reports_evaluate_per_class_json"])
+    audit = {Path(src).name for src in charts.images if "audit" in src}
+    assert audit == {"leaks.png", "labels.png", "duplicates.png", "outliers.png"}, charts.images  # contact sheets
     (sheet,) = [src for src in charts.images if src.endswith("worst_test_images.png")]
     image = Image.open(page.parent / sheet)
     tests = (page.parents[1] / "data" / "prepared" / "manifest.csv").read_text().count(",test,")
