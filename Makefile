@@ -6,7 +6,7 @@ WEIGHTS ?=
 
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: install repro test lint
+.PHONY: install repro test lint compare
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,11 @@ else
 	PATH="$(abspath $(BIN)):$$PATH" dvc exp run -S extract.weights=$(WEIGHTS)
 endif
 	PATH="$(abspath $(BIN)):$$PATH" dvc metrics show
+
+# make compare                      -> the workspace's test predictions against HEAD's, paired (pipeline.compare)
+# make compare ARGS="exp-a exp-b"   -> two revisions or experiments; ARGS=--all: every experiment against HEAD
+compare: install
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pipeline.compare $(ARGS)
 
 test: install
 	$(BIN)/ruff check pipeline tests bench

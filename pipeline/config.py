@@ -114,6 +114,12 @@ class AuditConfig:
 
 
 @dataclass(frozen=True)
+class CurveConfig:
+    shots: tuple[int, ...] = field(default=(1, 2, 4, 8, 16, 0), metadata={"lo": 0})  # images per class; 0: all
+    seeds: int = _range(5, 1)  # draws of each number of images, each with its own subset and head
+
+
+@dataclass(frozen=True)
 class Params:
     seed: int = _range(0, 0, 2**32 - 1)
     data: DataConfig = field(default_factory=DataConfig)
@@ -121,6 +127,7 @@ class Params:
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
+    curve: CurveConfig = field(default_factory=CurveConfig)
 
 
 def dvc_path(name: str, dvc_yaml: str | Path = "dvc.yaml") -> Path:
@@ -261,6 +268,12 @@ def _check_combinations(p: Params) -> None:
         )
     if any(h < 1 for h in p.train.hidden):
         raise ConfigError(f"train.hidden = {list(p.train.hidden)!r} is not valid: expected layer widths >= 1")
+    shots = p.curve.shots
+    if not shots or len(set(shots)) != len(shots):
+        raise ConfigError(
+            f"curve.shots = {list(shots)!r} is not valid: expected a non-empty list of images per class "
+            "(integers >= 0, 0 for all of them), without repeats"
+        )
 
 
 def defaults() -> dict[str, Any]:

@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 WORST_COUNT = 16
 PER_CLASS = "per_class.json"  # in the live directory: a plot's data, not a metric
 PER_CLASS_TABLE = "per_class.csv"  # every class, whatever their number
+PREDICTIONS = "predictions.csv"  # one row per test image: what pipeline.compare pairs across revisions
+PREDICTION_COLUMNS = ("id", "key", "label", "predicted", "p_label", "p_predicted", "knn_correct")
 PLOTTED_CLASSES = 100  # more classes than this: the plots show the worst this many, the log the worst LOGGED
 LOGGED_CLASSES = 30
 BLOCK_VALUES = 2**24  # probabilities are made and used a block of rows at a time: 64 MB of float32 at most
@@ -84,21 +86,50 @@ def worst_classified(true_prob: np.ndarray, *, count: int) -> list[int]:
     return np.argsort(true_prob, kind="stable")[:count].tolist()
 
 
-def knn_metrics(
+def knn_classes(
     cfg: EvaluateConfig, train_path: Path, test: features.FeatureSet, *, expected: dict[str, Any], device: torch.device
-) -> dict[str, float]:
-    """``knn_acc``, the test split's k-NN accuracy on the training split's original view (never its flipped
-    copies), read a block at a time; none when evaluate.knn_k is 0. ``expected``: the features' identity."""
+) -> np.ndarray | None:
+    """The k-NN class of each test row on the training split's original view (never its flipped copies), read a
+    block at a time; None when evaluate.knn_k is 0. ``expected``: the features' identity."""
     if cfg.knn_k == 0:
-        return {}
+        return None
     reader = features.BlockReader(train_path, block_mb=KNN_BLOCK_MB, views=["original"])
     check_provenance(reader.provenance, expected, source=train_path)
     steps = tqdm(range(reader.num_blocks), desc="k-NN on the train split", unit="block", disable=reader.num_blocks < 8)
-    pred = knn.knn_predict(
+    return knn.knn_predict(
         (reader.read(b) for b in steps), test.features["original"], k=cfg.knn_k, temperature=cfg.knn_temperature,
         device=device,
     )  # fmt: skip
-    return {"knn_acc": float(np.mean(pred == test.labels))}
+
+
+def knn_metrics(
+    cfg: EvaluateConfig, train_path: Path, test: features.FeatureSet, *, expected: dict[str, Any], device: torch.device
+) -> dict[str, float]:
+    """``knn_acc``, the test split's k-NN accuracy (knn_classes); none when evaluate.knn_k is 0."""
+    pred = knn_classes(cfg, train_path, test, expected=expected, device=device)
+    return {} if pred is None else {"knn_acc": float(np.mean(pred == test.labels))}
+
+
+def write_predictions(
+    path: Path,
+    test: features.FeatureSet,
+    keys: Sequence[str],
+    scores: Scores,
+    knn_pred: np.ndarray | None,
+    class_names: Sequence[str],
+) -> None:
+    """One row per test image, for paired comparisons across revisions (pipeline.compare): its id and content key
+    (what pairs the images of two runs), label and predicted class, the probabilities of both, and whether the
+    k-NN classifier got it right (empty when evaluate.knn_k is 0)."""
+    knn_right = [""] * len(test.ids) if knn_pred is None else (knn_pred == test.labels).astype(int).tolist()
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(PREDICTION_COLUMNS)
+        for i, item_id in enumerate(test.ids):
+            writer.writerow([
+                item_id, keys[i], class_names[test.labels[i]], class_names[scores.pred[i]],
+                f"{scores.true_prob[i]:.6g}", f"{scores.pred_prob[i]:.6g}", knn_right[i],
+            ])  # fmt: skip
 
 
 def main() -> None:
@@ -122,7 +153,9 @@ def main() -> None:
     results["acc_unseen"] = float(np.mean(scores.pred[~leaked] == test.labels[~leaked])) if (~leaked).any() else 0.0
     expected = identity(spec["provenance"])
     device = resolve_device(params.train.device)
-    results |= knn_metrics(params.evaluate, args.features / "train.h5", test, expected=expected, device=device)
+    knn_pred = knn_classes(params.evaluate, args.features / "train.h5", test, expected=expected, device=device)
+    if knn_pred is not None:
+        results["knn_acc"] = float(np.mean(knn_pred == test.labels))
     classes = per_class(scores.pred, test.labels, class_names)
     log.info(
         "test accuracy %.4f (95%% interval %.4f to %.4f over %d images), macro F1 %.4f, balanced accuracy %.4f",
@@ -152,6 +185,8 @@ def main() -> None:
     sheet = sheets.contact_sheet(sheets.images(params.data, [test.ids[i] for i in worst]), captions)
     with replaced(args.live) as live_dir:
         _write_outputs(live_dir, results, classes, scores, test.labels, class_names=class_names, sheet=sheet)
+        keys = features.read_keys(args.features / "test.h5")
+        write_predictions(live_dir / PREDICTIONS, test, keys, scores, knn_pred, class_names)
 
 
 def leaks(issues: Path) -> set[str]:

@@ -198,6 +198,14 @@ def read_ids(path: Path) -> list[str]:
         return [s.decode("utf-8") for s in f["ids"][:]]
 
 
+def read_keys(path: Path) -> list[str]:
+    """The content key of each row's image, in hex, in row order."""
+    with _open(path) as f:
+        if "keys" not in f:
+            raise PipelineError(f"{path} has no content keys (an earlier release wrote it): re-run extract")
+        return [row.tobytes().hex() for row in f["keys"][:]]
+
+
 def read_features(path: Path) -> FeatureSet:
     """Load a whole split, every cached view, as float32."""
     with _open(path) as f:

@@ -250,11 +250,12 @@ def write_blob_features(out_dir: Path, *, n: int = 90, dim: int = 16, seed: int 
         prov = feature_provenance(split=split, feature_dim=dim, **changes)
         views = prov["views"] if split == "train" else ["original"]
         with features.FeatureWriter(
-            out_dir / f"{split}.h5", n=n, dim=dim, dtype="float32", views=views, provenance=prov
+            out_dir / f"{split}.h5", n=n, dim=dim, dtype="float32", views=views, provenance=prov, row_settings="blobs"
         ) as writer:
             blocks = {v: x + 10 * i for i, v in enumerate(views)}
             ids = [f"digits/{k * n + i:04d}" for i in range(n)]  # real digits ids: evaluate shows the worst images
-            writer.write(0, blocks, labels, ids)
+            keys = [i.to_bytes(16, "big") for i in range(k * n, (k + 1) * n)]  # a content key per image
+            writer.write(0, blocks, labels, ids, keys)
 
 
 # The paths dvc.yaml passes to each stage.
@@ -267,6 +268,7 @@ STAGE_ARGS = {
     "audit": ["--prepared", "data/prepared", "--features", "data/features", "--out", "reports/audit"],
     "evaluate": ["--features", "data/features", "--head", "models/head.pt", "--audit", "reports/audit"]
     + ["--live", "reports/evaluate"],
+    "curve": ["--features", "data/features", "--out", "reports/curve"],
 }
 
 

@@ -95,7 +95,7 @@ def test_a_sweep_over_backbones_runs_every_family_through_and_back(
 ):
     monkeypatch.chdir(reproduced)  # predict and export rebuild the backbone with its weights file, as recorded
     for i, (params, resolved) in enumerate(SWEEPS[family]):
-        assert repro(reproduced, params) == ["scan", "extract", "train", "audit", "evaluate"], params
+        assert repro(reproduced, params) == ["scan", "extract", "train", "audit", "evaluate", "curve"], params
         prov = features.read_provenance(reproduced / "data" / "features" / "train.h5")
         assert (prov["arch"], prov["layer"], prov["pool"]) == (params["arch"], *resolved)
         assert prov["weights_source"].startswith(f"file {params['weights']} ") if "weights" in params else True
@@ -104,7 +104,7 @@ def test_a_sweep_over_backbones_runs_every_family_through_and_back(
         predict_and_export(reproduced, reproduced / "models" / f"export-{i}", bare=i == 0)
     assert '"knn_acc"' in run(reproduced, "dvc", "exp", "show", "--json").stdout
     if family == "cnn":  # back to the project's VGG: its features come back from DVC's run cache, its rows are kept
-        assert repro(reproduced, {"arch": "vgg11", "image_size": 32}) == ["scan", "train", "audit", "evaluate"]
+        assert repro(reproduced, {"arch": "vgg11", "image_size": 32}) == ["scan", "train", "audit", "evaluate", "curve"]
         run(reproduced, "python", "-m", "pipeline.extract")
         extracted = json.loads((reproduced / "reports" / "extract" / "metrics.json").read_text())
         assert (extracted["extracted"], extracted["reused"]) == (0, 30)

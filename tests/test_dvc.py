@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import csv
 import hashlib
 import json
 import os
@@ -23,7 +24,7 @@ from pipeline import sources, splits
 from pipeline.store import RowStore
 from tests.conftest import ROOT, color_image, git, project_env, run, write_params
 
-STAGES = ("scan", "prepare", "extract", "train", "audit", "evaluate")
+STAGES = ("scan", "prepare", "extract", "train", "audit", "evaluate", "curve")
 
 
 def repro(project: Path, *args: str) -> list[str]:
@@ -58,7 +59,7 @@ def git_status(project: Path) -> str:
 def test_head_param_edit_reruns_train_and_evaluate_only(imagefolder_project: Path):
     features = {p.name: digest(p) for p in (imagefolder_project / "data" / "features").glob("*.h5")}
     write_params(imagefolder_project, {"train": {"lr": 0.02}})
-    assert repro(imagefolder_project) == ["scan", "train", "evaluate"]
+    assert repro(imagefolder_project) == ["scan", "train", "evaluate"]  # the curve's head is logreg, whatever train.*
     assert {p.name: digest(p) for p in (imagefolder_project / "data" / "features").glob("*.h5")} == features
 
 
@@ -114,7 +115,7 @@ def test_an_incremental_run_killed_mid_extraction_resumes_byte_identically(image
     assert dvc.wait(timeout=60) != 0
     assert not (project / "data" / "features").exists()
 
-    assert repro(project) == ["scan", "extract", "train", "audit", "evaluate"]  # prepare had finished
+    assert repro(project) == ["scan", "extract", "train", "audit", "evaluate", "curve"]  # prepare had finished
     done, reused = extracted(project)
     assert reused > 30 and done + reused == 270
     resumed = {p.name: digest(p) for p in (project / "data" / "features").glob("*.h5")}
@@ -219,6 +220,7 @@ def natural_split(item_id: str, val: float = 0.2, test: float = 0.3) -> str:
 
 def test_digits_pipeline_end_to_end_with_metrics_and_plots(project: Path):
     """The embedded default, offline (random weights), through dvc: accuracy and every output in place."""
+    write_params(project, {"curve": {"seeds": 2}})  # the default six points, 11 fits rather than 26
     assert repro(project) == list(STAGES)
     metrics = json.loads(run(project, "dvc", "metrics", "show", "--json").stdout)
     values = next(iter(metrics.values()))["data"]["reports/evaluate/metrics.json"]["data"]
@@ -226,6 +228,12 @@ def test_digits_pipeline_end_to_end_with_metrics_and_plots(project: Path):
     assert "top5" in values
     plots = run(project, "dvc", "plots", "show", "--json").stdout
     assert "confusion_matrix.json" in plots and "loss.tsv" in plots
+    assert "reports/curve/curve.csv" in json.loads(plots)["data"]
+    with open(project / "reports" / "curve" / "curve.csv", newline="") as f:
+        curve = list(csv.DictReader(f))
+    assert [row["n"] for row in curve] == ["1", "2", "4", "8", "16", "0"]
+    assert float(curve[-1]["acc_mean"]) >= 0.9  # the 'all' point; its k-NN is evaluate's, on the same images
+    assert float(curve[-1]["knn_mean"]) == pytest.approx(values["knn_acc"], abs=1e-6)
     assert metrics_width(project) <= 160
     assert_readme_metrics_match(run(project, "dvc", "metrics", "show").stdout)
 

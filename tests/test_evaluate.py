@@ -150,6 +150,12 @@ def test_evaluate_stage_writes_metrics_per_class_results_and_a_named_confusion_m
     assert metrics["accuracy"] > 0.9 and len(metrics) == 7  # 3 classes: no top-5
     assert "without the 30 test images that have a near-duplicate in train" in result.stderr
     assert 0.9 < metrics["acc_unseen"] <= 1.0
+    with open(project / "reports" / "evaluate" / "predictions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["id"] for r in rows] == test_ids and rows[1]["key"] == f"{181:032x}"  # test: images 180 to 269
+    assert np.mean([r["label"] == r["predicted"] for r in rows]) == pytest.approx(metrics["accuracy"])
+    assert np.mean([int(r["knn_correct"]) for r in rows]) == pytest.approx(metrics["knn_acc"])
+    assert all(float(r["p_predicted"]) >= float(r["p_label"]) for r in rows)
     assert metrics["knn_acc"] > 0.9 and "k-NN accuracy" in result.stderr
     rows = json.loads((project / "reports" / "evaluate" / "per_class.json").read_text())
     assert [r["class"] for r in rows] == ["a", "b", "c"] and sum(r["support"] for r in rows) == 90
