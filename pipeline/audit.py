@@ -164,9 +164,9 @@ def checked_splits(folder: Path, items: Sequence[sources.Item], classes: Sequenc
         stale = f"{path} does not hold the features of data/prepared's manifest"
         if prov.get("class_names") != list(classes):
             raise PipelineError(f"{stale}: its classes differ: run dvc repro extract")
-        if first is not None and identity(prov) != first:
-            raise PipelineError(f"{stale}: it was extracted with other settings than train.h5: run dvc repro extract")
         first = identity(prov) if first is None else first
+        if identity(prov) != first:
+            raise PipelineError(f"{stale}: it was extracted with other settings than train.h5: run dvc repro extract")
         if features.read_ids(path) != want:
             raise PipelineError(f"{stale}: its images differ: run dvc repro extract")
         if not want:

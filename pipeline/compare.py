@@ -51,7 +51,7 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON document")
     parser.add_argument("--predictions", type=Path, help="the file at each revision (default: evaluate's)")
     args = parser.parse_args()
-    path = args.predictions or dvc_path("evaluate_live") / "predictions.csv"
+    path = args.predictions or dvc_path("evaluate_live") / pairing.PREDICTIONS
     read = _reader(path)
     with _open_repo() as repo:
         baseline, experiments, known = _revisions(repo)

@@ -17,7 +17,7 @@ from PIL import Image
 from sklearn import metrics as skm
 from tqdm import tqdm
 
-from pipeline import features, heads, knn, sheets
+from pipeline import features, heads, knn, pairing, sheets
 from pipeline.config import EvaluateConfig, load_params, to_dict, with_dvc_paths
 from pipeline.errors import PipelineError, run_stage
 from pipeline.files import replaced
@@ -30,8 +30,6 @@ log = logging.getLogger(__name__)
 WORST_COUNT = 16
 PER_CLASS = "per_class.json"  # in the live directory: a plot's data, not a metric
 PER_CLASS_TABLE = "per_class.csv"  # every class, whatever their number
-PREDICTIONS = "predictions.csv"  # one row per test image: what pipeline.compare pairs across revisions
-PREDICTION_COLUMNS = ("id", "key", "label", "predicted", "p_label", "p_predicted", "knn_correct")
 PLOTTED_CLASSES = 100  # more classes than this: the plots show the worst this many, the log the worst LOGGED
 LOGGED_CLASSES = 30
 BLOCK_VALUES = 2**24  # probabilities are made and used a block of rows at a time: 64 MB of float32 at most
@@ -124,7 +122,7 @@ def write_predictions(
     knn_right = [""] * len(test.ids) if knn_pred is None else (knn_pred == test.labels).astype(int).tolist()
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(PREDICTION_COLUMNS)
+        writer.writerow(pairing.COLUMNS)
         for i, item_id in enumerate(test.ids):
             writer.writerow([
                 item_id, keys[i], class_names[test.labels[i]], class_names[scores.pred[i]],
@@ -186,7 +184,7 @@ def main() -> None:
     with replaced(args.live) as live_dir:
         _write_outputs(live_dir, results, classes, scores, test.labels, class_names=class_names, sheet=sheet)
         keys = features.read_keys(args.features / "test.h5")
-        write_predictions(live_dir / PREDICTIONS, test, keys, scores, knn_pred, class_names)
+        write_predictions(live_dir / pairing.PREDICTIONS, test, keys, scores, knn_pred, class_names)
 
 
 def leaks(issues: Path) -> set[str]:

@@ -20,6 +20,7 @@ from scipy import stats
 from pipeline.errors import PipelineError
 from pipeline.scores import BOOTSTRAP_RESAMPLES
 
+PREDICTIONS = "predictions.csv"  # in evaluate's live directory: one row per test image, written by evaluate
 COLUMNS = ("id", "key", "label", "predicted", "p_label", "p_predicted", "knn_correct")
 ALPHA = 0.05
 METRICS = {"head": "head", "knn": "k-NN"}  # metric -> how a table names it

@@ -29,9 +29,9 @@ ALL = 0  # curve.shots: every training image of each class
 COLUMNS = ("n", "per_class", "images", "short_classes", "acc_mean", "acc_std", "acc_min", "acc_max", "knn_mean",
            "knn_std")  # fmt: skip
 
-# (rows, D) standardised training features and labels, validation ones likewise, and the draw's seed -> a module
-# from standardised features to (rows, C) logits, on the CPU
-Fit = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int], nn.Module]
+# (rows, D) standardised training features and labels, validation ones likewise -> a module from standardised
+# features to (rows, C) logits, on the CPU
+Fit = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], nn.Module]
 
 
 def ranking(ids: Sequence[str], labels: np.ndarray, class_names: Sequence[str], *, seed: int, draw: int) -> np.ndarray:
@@ -61,7 +61,7 @@ def head_fit(cfg: TrainConfig, *, num_classes: int) -> Fit:
     split, whatever train.head is. The configured head (an MLP of 30 epochs) fitted 26 times would make the curve a
     matter of minutes; a linear probe is the standard few-shot measure of frozen features (CLIP, DINOv2)."""
 
-    def fit_logreg(x: torch.Tensor, y: torch.Tensor, x_val: torch.Tensor, y_val: torch.Tensor, _: int) -> nn.Module:
+    def fit_logreg(x: torch.Tensor, y: torch.Tensor, x_val: torch.Tensor, y_val: torch.Tensor) -> nn.Module:
         return heads.fit_logreg(
             x.numpy(), y.numpy(), x_val.numpy(), y_val.numpy(), Cs=cfg.logreg_C, num_classes=num_classes
         )[0]  # the layer of the C best on validation
@@ -76,7 +76,6 @@ def score(
     test: FeatureSet,
     fit: Fit,
     *,
-    seed: int,
     standardize: bool,
     knn_cfg: EvaluateConfig,
     device: torch.device,
@@ -87,7 +86,7 @@ def score(
     y = torch.from_numpy(np.tile(train.labels[rows], len(train.features)))
     mean, std = heads.standardization([(x, y)], x.shape[1], standardize)
     x_val = (torch.from_numpy(val.features["original"]) - mean) / std
-    net = fit((x - mean) / std, y, x_val, torch.from_numpy(val.labels), seed)
+    net = fit((x - mean) / std, y, x_val, torch.from_numpy(val.labels))
     logits = heads.predict_logits(heads.Classifier(net, mean, std), torch.from_numpy(test.features["original"]))
     accuracy = float((logits.argmax(1).numpy() == test.labels).mean())
     if knn_cfg.knn_k == 0:
@@ -120,11 +119,11 @@ def learning_curve(
     with tqdm(total=len(cfg.shots) * cfg.seeds, desc="curve", unit="fit") as bar:
         for n in cfg.shots:
             results = []
-            for s, order in enumerate(ranked):
+            for order in ranked:
                 rows = subset(order, train.labels, n)
                 if rows.tobytes() not in scored:
                     scored[rows.tobytes()] = score(
-                        train, rows, val, test, fit, seed=seed + s, standardize=standardize, knn_cfg=knn_cfg,
+                        train, rows, val, test, fit, standardize=standardize, knn_cfg=knn_cfg,
                         device=device,
                     )  # fmt: skip
                 results.append(scored[rows.tobytes()])
