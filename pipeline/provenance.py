@@ -10,7 +10,6 @@ from typing import Any
 
 import PIL
 import torch
-import torchvision
 
 from pipeline.config import ExtractConfig
 from pipeline.errors import PipelineError
@@ -64,6 +63,8 @@ def of_extraction(cfg: ExtractConfig, seed: int, precision: str, prep: Any, buil
     """The provenance attributes shared by every split file (split and class names are added). ``prep``: the
     backbone's Preprocessing (not imported here: train and evaluate read provenance without any backbone);
     ``built``: what building the backbone resolved (layer, pool, image size, feature width) and its weights."""
+    import torchvision  # here alone: at the top it would cost every stage that reads features 1.5 s of start-up
+
     resolved = ("layer", "pool", "image_size", "feature_dim")
     return {
         "schema": SCHEMA,

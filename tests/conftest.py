@@ -18,6 +18,7 @@ import yaml
 from PIL import Image
 
 from pipeline.config import defaults
+from pipeline.hardware import usable_cores
 
 ROOT = Path(__file__).resolve().parents[1]
 # What a test project copies of this repository: its code, DVC set-up and corrections file, and of data/raw only the
@@ -44,12 +45,24 @@ def _isolated_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
 
 def _isolate(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
     monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
+    threads = worker_threads()
+    if threads:  # each worker and every process it starts: their share of the cores, as extract.nproc gives
+        monkeypatch.setenv("OMP_NUM_THREADS", str(threads))
+        torch.set_num_threads(threads)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path_factory.mktemp("torch_home")))
     monkeypatch.setenv("HF_HOME", str(tmp_path_factory.mktemp("hf_home")))  # timm's pretrained weights
     for var in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
         monkeypatch.setenv(var, "http://127.0.0.1:9")  # the discard port: refused at once
     monkeypatch.delenv("NO_PROXY", raising=False)
     monkeypatch.delenv("no_proxy", raising=False)
+
+
+def worker_threads() -> int | None:
+    """Threads for each of pytest-xdist's workers, when there are several: their share of the cores. With a
+    worker per core, torch's default of a thread per core in every worker, and in every stage process it starts,
+    left twice as many busy threads as cores; the suite ran about a quarter slower."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    return max(1, usable_cores() // workers) if workers > 1 else None
 
 
 def cached_hub_weights(monkeypatch: pytest.MonkeyPatch, home: Path, build: Callable[[], Any], url: str) -> dict:

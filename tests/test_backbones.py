@@ -54,12 +54,12 @@ print(json.dumps(program(torch.load(sys.argv[2])).tolist()))
 """
 
 
-def repro(project: Path, params: dict) -> list[str]:
+def repro(project: Path, params: dict, *targets: str) -> list[str]:
     if "weights" in params and params["weights"] in FINE_TUNED and not (project / params["weights"]).exists():
         torch.save(FINE_TUNED[params["weights"]](), project / params["weights"])
     extract = {"weights": "random", "layer": "auto", "pool": "auto", "image_size": "auto"} | params
     write_params(project, {"extract": extract})
-    return re.findall(r"Running stage '(\w+)'", run(project, "dvc", "repro").stdout)
+    return re.findall(r"Running stage '(\w+)'", run(project, "dvc", "repro", *targets).stdout)
 
 
 def predict_and_export(project: Path, out: Path, *, bare: bool) -> None:
@@ -95,17 +95,16 @@ def test_a_sweep_over_backbones_runs_every_family_through_and_back(
 ):
     monkeypatch.chdir(reproduced)  # predict and export rebuild the backbone with its weights file, as recorded
     for i, (params, resolved) in enumerate(SWEEPS[family]):
-        assert repro(reproduced, params) == ["scan", "extract", "train", "audit", "evaluate", "curve"], params
+        # up to the head that predict and export use: the stages after it read features as rows of numbers, the
+        # same whatever made them (every stage runs on a ResNet's features in tests/test_dvc.py's queued sweep)
+        assert repro(reproduced, params, "train") == ["scan", "extract", "train"], params
         prov = features.read_provenance(reproduced / "data" / "features" / "train.h5")
         assert (prov["arch"], prov["layer"], prov["pool"]) == (params["arch"], *resolved)
         assert prov["weights_source"].startswith(f"file {params['weights']} ") if "weights" in params else True
-        metrics = json.loads((reproduced / "reports" / "evaluate" / "metrics.json").read_text())
-        assert 0 <= metrics["knn_acc"] <= 1 and 0 <= metrics["accuracy"] <= 1, (params, metrics)
         predict_and_export(reproduced, reproduced / "models" / f"export-{i}", bare=i == 0)
-    assert '"knn_acc"' in run(reproduced, "dvc", "exp", "show", "--json").stdout
-    if family == "cnn":  # back to the project's VGG: its features come back from DVC's run cache, its rows are kept
-        # the curve, of the same features and params as the template's run, comes back from the run cache too
-        assert repro(reproduced, {"arch": "vgg11", "image_size": 32}) == ["scan", "train", "audit", "evaluate"]
+    if family == "cnn":  # back to the project's VGG: its features come back from DVC's run cache, its rows are kept;
+        # train re-runs to the same head, so the later stages, last run on these features, have nothing to do
+        assert repro(reproduced, {"arch": "vgg11", "image_size": 32}) == ["scan", "train"]
         run(reproduced, "python", "-m", "pipeline.extract")
         extracted = json.loads((reproduced / "reports" / "extract" / "metrics.json").read_text())
         assert (extracted["extracted"], extracted["reused"]) == (0, 30)
@@ -320,13 +319,14 @@ def test_a_row_has_the_same_bits_whatever_else_is_in_its_batch(arch: str, size, 
     first = torch.cat([images[:1], images[1:8]])  # image 0 first, beside images 1-7
     second = torch.cat([images[8:13], images[:1], images[13:15]])  # image 0 sixth, beside images 8-14
     threads = torch.get_num_threads()
-    with torch.inference_mode():
-        a = extractor(first)[0]
-        torch.set_num_threads(threads if fixed else 1)
-        try:
+    try:
+        with torch.inference_mode():
+            torch.set_num_threads(max(2, threads))  # two threads at least, whatever share of the cores this test has
+            a = extractor(first)[0]
+            torch.set_num_threads(max(2, threads) if fixed else 1)
             b = extractor(second)[5]
-        finally:
-            torch.set_num_threads(threads)
+    finally:
+        torch.set_num_threads(threads)
     assert torch.equal(a, b)
 
 

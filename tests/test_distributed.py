@@ -29,6 +29,13 @@ FEATURES = Path("data/features")
 STORE = Path("data/.feature-store")
 
 
+@pytest.fixture(autouse=True)
+def _every_core(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One process takes every core here, as it would outside the tests (conftest gives each test worker its share):
+    the bytes of one process on all its threads are compared with those of two processes of fewer threads."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+
+
 def stage(project: Path, nproc: int) -> list[str]:
     """The extract stage's command in dvc.yaml, with ``extract.nproc`` set to ``nproc``."""
     write_params(project, {"extract": {"nproc": nproc}})
