@@ -9,6 +9,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from torch.nn import functional as F
 
 from pipeline import evaluate, features, knn, provenance
 from pipeline.config import parse_params
@@ -19,13 +20,37 @@ CPU = torch.device("cpu")
 
 def brute_force(train: np.ndarray, labels: np.ndarray, test: np.ndarray, *, k: int, temperature: float) -> np.ndarray:
     """DINOv2's k-NN classes in float64: the whole similarity matrix, a stable sort, exp(sim / T) votes."""
-    unit = [x / np.linalg.norm(x, axis=1, keepdims=True) for x in (train, test)]
+    unit = [x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12) for x in (train, test)]  # as F.normalize
     sims = unit[1] @ unit[0].T  # (test, train)
     nearest = np.argsort(-sims, axis=1, kind="stable")[:, :k]  # k > rows: all of them
     weights = np.exp(np.take_along_axis(sims, nearest, 1) / temperature)
     votes = np.zeros((len(test), labels.max() + 1))
     np.add.at(votes, (np.arange(len(test))[:, None], labels[nearest]), weights)
     return votes.argmax(1)
+
+
+def fp32_brute_force(keys: np.ndarray, queries: np.ndarray, *, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k nearest keys of each query in float32: the unit vectors as F.normalize makes them, their dots rounded
+    to float32 (from float64: no summation order decides), a stable sort (ties to the lower row)."""
+    unit = [F.normalize(torch.from_numpy(x), dim=1).numpy().astype(np.float64) for x in (keys, queries)]
+    sims = (unit[1] @ unit[0].T).astype(np.float32)
+    ids = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(sims, ids, 1), ids
+
+
+def near_ties(seed: int = 0, dim: int = 64) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Keys in 4 clusters of 60, each an anchor moved by ~3e-3 (similarities to a query near the anchor ~1e-5 apart:
+    far below bf16's resolution there, 2^-8, far above float32's), exact copies of 40 of them (exact ties, a copy
+    a later row, with its label), 200 random keys; queries: 24 near the anchors, 5 random, a zero row."""
+    rng = np.random.default_rng(seed)
+    anchors = rng.normal(size=(4, dim))
+    near = np.repeat(anchors, 60, 0) + 3e-3 * rng.normal(size=(240, dim))
+    copies = rng.choice(240, 40, replace=False)
+    keys = np.concatenate([near, rng.normal(size=(200, dim)), near[copies]]).astype(np.float32)
+    labels = rng.integers(0, 5, len(keys))
+    labels[440:] = labels[copies]
+    queries = [anchors[rng.integers(0, 4, 24)] + 0.4 * rng.normal(size=(24, dim)), rng.normal(size=(5, dim))]
+    return keys, labels, np.concatenate([*queries, np.zeros((1, dim))]).astype(np.float32)
 
 
 def in_blocks(x: np.ndarray, y: np.ndarray, rows: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -61,14 +86,16 @@ def test_ties_go_to_the_earlier_training_row_and_the_lower_class_whatever_the_bl
 
 def test_similarities_come_in_blocks_of_at_most_block_rows_by_block_rows(monkeypatch: pytest.MonkeyPatch):
     shapes = []
-    top = knn._top
-    monkeypatch.setattr(knn, "_top", lambda sims, ids, k: shapes.append(sims.shape) or top(sims, ids, k))
+    products = knn._products
+    monkeypatch.setattr(
+        knn, "_products", lambda q, keys, screen: shapes.append((len(q), keys.shape[1])) or products(q, keys, screen)
+    )
     rng = np.random.default_rng(0)
     train, labels = rng.normal(size=(50, 8)).astype(np.float32), rng.integers(0, 3, 50)
     blocks = iter(in_blocks(train, labels, 20))  # read once, as from a file
     knn.knn_predict(blocks, rng.normal(size=(30, 8)), k=3, temperature=0.1, device=CPU, block_rows=7)
     assert shapes.count((7, 7)) == 4 * 5  # 4 full blocks of test rows by the 5 full ones of training rows
-    assert max(rows for rows, _ in shapes) == 7 and max(cols for _, cols in shapes) <= 7 + 3  # and the merges
+    assert max(rows for rows, _ in shapes) == 7 and max(cols for _, cols in shapes) == 7
 
 
 def test_no_training_rows_is_an_error():
@@ -109,3 +136,88 @@ def test_knn_acc_is_on_the_original_rows_of_the_training_split_never_its_flipped
     both = features.BlockReader(tmp_path / "train.h5")  # every view: the centres are the nearest, and wrong
     pred = knn.knn_predict([both.read(0)], test.features["original"], k=7, temperature=0.07, device=CPU)
     assert np.mean(pred == test.labels) < 0.1
+
+
+@pytest.mark.parametrize("k", [1, 20, 70])  # 70: the cut among the copies of a cluster
+@pytest.mark.parametrize("block_rows", [16, 4096])
+def test_near_ties_rank_as_a_float32_brute_force_whatever_the_screen(k: int, block_rows: int):
+    keys, labels, queries = near_ties()
+    want_sims, want = fp32_brute_force(keys, queries, k=k)
+    blocks = [keys[:100], keys[100:]]
+    found = {s: knn.search(blocks, queries, k=k, device=CPU, block_rows=block_rows, screen=s) for s in ("bf16", "fp32")}
+    for f in found.values():
+        np.testing.assert_array_equal(f.ids.numpy(), want)
+        np.testing.assert_allclose(f.sims.numpy(), want_sims, rtol=0, atol=2e-7)  # float64 sums in another order
+    assert torch.equal(found["bf16"].sims, found["fp32"].sims)  # the one exact score, bit for bit
+    classes = brute_force(keys, labels, queries, k=k, temperature=0.07)
+    got = knn.knn_predict(
+        in_blocks(keys, labels, 100), queries, k=k, temperature=0.07, device=CPU, block_rows=block_rows
+    )
+    np.testing.assert_array_equal(got, classes)
+
+
+def test_rows_the_bf16_screen_cannot_decide_are_scored_exactly_and_the_others_are_not():
+    keys, _, queries = near_ties()
+    unit = [knn._rows(x, 0, CPU, "bf16", keys=is_keys) for x, is_keys in ((queries, False), (keys, True))]
+    screened = knn._products(unit[0].screen, unit[1].screen, "bf16").float().numpy()
+    _, want = fp32_brute_force(keys, queries, k=20)
+    wrong = [set(row) != set(w) for row, w in zip(np.argsort(-screened, 1, kind="stable")[:, :20], want, strict=True)]
+    assert sum(wrong[:24]) >= 20  # bf16 alone gets most rows near a cluster wrong
+    found = knn.search([keys], queries, k=20, device=CPU, screen="bf16")
+    np.testing.assert_array_equal(found.ids.numpy(), want)
+    assert (found.rescored[:24] >= 60).all()  # the whole cluster (and its copies) within the screen's error
+    assert found.fell_back[:-1].sum() == 0  # all of them decided by exact scores of keys the bf16 screen left open
+    assert found.fell_back[-1] == 1 and found.rescored[-1] == len(keys)  # the zero row: every key a tie, any screen
+    far = np.concatenate([keys, 10 * queries[:1]])  # a query's own direction among keys: nothing near it
+    alone = knn.search([far], queries[:1], k=1, device=CPU, screen="bf16")
+    assert alone.ids.tolist() == [[len(keys)]] and alone.rescored.item() <= 2
+
+
+def test_features_all_alike_fall_back_to_a_float32_screen_block_by_block_and_stay_exact():
+    rng = np.random.default_rng(2)  # cosines 0.99 +- 0.0006, as random weights give: bf16 leaves every key open
+    centre = rng.normal(size=512)
+    keys, queries = (centre + 0.1 * rng.normal(size=(n, 512)) for n in (2000, 50))
+    keys, queries = keys.astype(np.float32), queries.astype(np.float32)
+    found = knn.search([keys], queries, k=10, device=CPU, block_rows=256, screen="bf16")
+    np.testing.assert_array_equal(found.ids.numpy(), fp32_brute_force(keys, queries, k=10)[1])
+    assert (found.fell_back == 8).all()  # every block of 256 keys: the first by the count, then all at once
+    assert found.rescored.float().mean() < 100  # of 2,000: the float32 screen rules most out
+
+
+@pytest.mark.parametrize("screen", ["bf16", "fp32"])
+def test_the_screen_error_bound_holds_and_is_nearly_reached(screen: str):
+    rng = np.random.default_rng(1)  # Cauchy rows: one coordinate holds most of the norm, its rounding all the error
+    x = np.concatenate([rng.normal(size=(300, 512)), rng.standard_cauchy(size=(100, 512))]).astype(np.float32)
+    q, keys = (knn._rows(x, 0, CPU, screen, keys=is_keys) for is_keys in (False, True))
+    screened = knn._products(q.screen, keys.screen, screen)
+    exact = (q.exact.double() @ keys.exact.T).float()
+    error = (screened.float() - exact).abs()
+    bound = knn.screen_error(512, q.residual[:, None], keys.residual[None, :]) + knn.output_error(screened)
+    assert (error <= bound).all()
+    if screen == "bf16":
+        assert (error / bound).max() > 0.5
+        assert knn.screen_error(512, q.residual, keys.residual.max()).max() < 2 * 2.0**-8 + 1e-4  # at most 2u
+
+
+def test_a_search_leaves_the_process_settings_as_it_found_them_and_its_float32_products_full():
+    def settings() -> tuple[int, str, str]:
+        mkldnn = torch.backends.mkldnn.matmul.fp32_precision
+        return torch.get_num_threads(), torch.get_float32_matmul_precision(), mkldnn
+
+    keys, _, queries = near_ties()
+    want, precision = fp32_brute_force(keys, queries, k=20)[1], torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")  # float32 products in bf16, where oneDNN can
+    try:
+        before = settings()
+        for screen in ("bf16", "fp32", "direct"):
+            found = knn.search([keys], queries, k=20, device=CPU, screen=screen)
+            if screen != "direct":
+                np.testing.assert_array_equal(found.ids.numpy(), want)
+        assert settings() == before
+    finally:
+        torch.set_float32_matmul_precision(precision)
+
+
+def test_a_cpu_with_bf16_hardware_screens_in_bf16():
+    assert knn.screen_for(CPU) == ("bf16" if torch.cpu._is_avx512_bf16_supported() else "fp32")
+    assert knn.screen_for(torch.device("meta")) == "direct"
