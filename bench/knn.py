@@ -9,10 +9,10 @@ tensors in memory, and streamed from a float16 HDF5 features file through evalua
 (``evaluate.knn_metrics``), as the stage runs it; and, in the same rounds, the float32 block products of the same
 shapes alone (2 * test * train * dim floating-point operations: the report gives their rate), the floor of a
 float32 k-NN. The stage's goal: within 1.3x of those products, round by round. On a CPU with bf16 hardware the
-stage screens with bf16 products and scores the keys they cannot rule out exactly (pipeline/knn.py): the report
-says which screen ran, how many keys per query row it scored exactly and how many rows fell back to float32
-products (a bf16 screen that left too many keys open), and the run asserts that the stage's
-predictions and neighbours are those of a float32 brute force (the whole similarity matrix, computed once).
+stage screens with bf16 products and scores the keys they cannot rule out exactly (pipeline/knn.py,
+pipeline/screen.py): the report says which screen ran, how many keys per query row it scored exactly and how many
+rows fell back to float32 products (a bf16 screen that left too many keys open), and the run asserts that the
+stage's predictions and neighbours are those of a float32 brute force (the whole similarity matrix, computed once).
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from pipeline import features, knn, provenance
 from pipeline.config import EvaluateConfig
 from pipeline.evaluate import knn_metrics
 from pipeline.hardware import resolve_device
+from pipeline.screen import screen_for
 
 FULL = {"train": 100_000, "test": 10_000, "dim": 512, "classes": 1000}
 QUICK = {"train": 3_000, "test": 500, "dim": 64, "classes": 10}
@@ -102,7 +103,7 @@ def bench(sizes: dict[str, int], *, k: int, rounds: int, device: str, seed: int 
     return {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
         "device": str(where), "k": k, "block_rows": knn.BLOCK_ROWS, **sizes, "knn_acc": acc,
-        "screen": knn.screen_for(where), "open": knn.OPEN,
+        "screen": screen_for(where), "open": knn.OPEN,
         "amx": where.type == "cpu" and torch.cpu._is_amx_tile_supported(),
         "rescored_per_row": {"mean": rescored.mean().item(), "max": rescored.max().item()},
         "rows_fell_back": int((found.fell_back > 0).sum()), "blocks_fell_back": int(found.fell_back.sum()),

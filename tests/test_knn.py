@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from pipeline import evaluate, features, knn, provenance
+from pipeline import evaluate, features, knn, provenance, screen
 from pipeline.config import parse_params
 from tests.conftest import feature_provenance, write_blob_features
 
@@ -86,9 +86,9 @@ def test_ties_go_to_the_earlier_training_row_and_the_lower_class_whatever_the_bl
 
 def test_similarities_come_in_blocks_of_at_most_block_rows_by_block_rows(monkeypatch: pytest.MonkeyPatch):
     shapes = []
-    products = knn._products
+    products = knn.products
     monkeypatch.setattr(
-        knn, "_products", lambda q, keys, screen: shapes.append((len(q), keys.shape[1])) or products(q, keys, screen)
+        knn, "products", lambda q, keys, kind: shapes.append((len(q), keys.shape[1])) or products(q, keys, kind)
     )
     rng = np.random.default_rng(0)
     train, labels = rng.normal(size=(50, 8)).astype(np.float32), rng.integers(0, 3, 50)
@@ -159,7 +159,7 @@ def test_near_ties_rank_as_a_float32_brute_force_whatever_the_screen(k: int, blo
 def test_rows_the_bf16_screen_cannot_decide_are_scored_exactly_and_the_others_are_not():
     keys, _, queries = near_ties()
     unit = [knn._rows(x, 0, CPU, "bf16", keys=is_keys) for x, is_keys in ((queries, False), (keys, True))]
-    screened = knn._products(unit[0].screen, unit[1].screen, "bf16").float().numpy()
+    screened = screen.products(unit[0].screen, unit[1].screen, "bf16").float().numpy()
     _, want = fp32_brute_force(keys, queries, k=20)
     wrong = [set(row) != set(w) for row, w in zip(np.argsort(-screened, 1, kind="stable")[:, :20], want, strict=True)]
     assert sum(wrong[:24]) >= 20  # bf16 alone gets most rows near a cluster wrong
@@ -182,42 +182,3 @@ def test_features_all_alike_fall_back_to_a_float32_screen_block_by_block_and_sta
     np.testing.assert_array_equal(found.ids.numpy(), fp32_brute_force(keys, queries, k=10)[1])
     assert (found.fell_back == 8).all()  # every block of 256 keys: the first by the count, then all at once
     assert found.rescored.float().mean() < 100  # of 2,000: the float32 screen rules most out
-
-
-@pytest.mark.parametrize("screen", ["bf16", "fp32"])
-def test_the_screen_error_bound_holds_and_is_nearly_reached(screen: str):
-    rng = np.random.default_rng(1)  # Cauchy rows: one coordinate holds most of the norm, its rounding all the error
-    x = np.concatenate([rng.normal(size=(300, 512)), rng.standard_cauchy(size=(100, 512))]).astype(np.float32)
-    q, keys = (knn._rows(x, 0, CPU, screen, keys=is_keys) for is_keys in (False, True))
-    screened = knn._products(q.screen, keys.screen, screen)
-    exact = (q.exact.double() @ keys.exact.T).float()
-    error = (screened.float() - exact).abs()
-    bound = knn.screen_error(512, q.residual[:, None], keys.residual[None, :]) + knn.output_error(screened)
-    assert (error <= bound).all()
-    if screen == "bf16":
-        assert (error / bound).max() > 0.5
-        assert knn.screen_error(512, q.residual, keys.residual.max()).max() < 2 * 2.0**-8 + 1e-4  # at most 2u
-
-
-def test_a_search_leaves_the_process_settings_as_it_found_them_and_its_float32_products_full():
-    def settings() -> tuple[int, str, str]:
-        mkldnn = torch.backends.mkldnn.matmul.fp32_precision
-        return torch.get_num_threads(), torch.get_float32_matmul_precision(), mkldnn
-
-    keys, _, queries = near_ties()
-    want, precision = fp32_brute_force(keys, queries, k=20)[1], torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("medium")  # float32 products in bf16, where oneDNN can
-    try:
-        before = settings()
-        for screen in ("bf16", "fp32", "direct"):
-            found = knn.search([keys], queries, k=20, device=CPU, screen=screen)
-            if screen != "direct":
-                np.testing.assert_array_equal(found.ids.numpy(), want)
-        assert settings() == before
-    finally:
-        torch.set_float32_matmul_precision(precision)
-
-
-def test_a_cpu_with_bf16_hardware_screens_in_bf16():
-    assert knn.screen_for(CPU) == ("bf16" if torch.cpu._is_avx512_bf16_supported() else "fp32")
-    assert knn.screen_for(torch.device("meta")) == "direct"
