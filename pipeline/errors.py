@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -48,6 +49,9 @@ def run_stage(main: Callable[[], None]) -> None:
     signal.signal(signal.SIGTERM, _terminating(os.getpid()))  # so that `finally` blocks keep the work done so far
     try:
         main()
+        # The stage's work is written. Leave what torch's import made to the exit: the interpreter's teardown
+        # otherwise walks those millions of objects in several full collections, about 0.6 s of every stage.
+        gc.freeze()
     except PipelineError as err:
         _tell_launcher(f"error: {err}")
         if os.environ.get("PIPELINE_DEBUG"):
