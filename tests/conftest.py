@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from filelock import FileLock
 from PIL import Image
 
-from pipeline.config import defaults
+from pipeline.config import defaults, load_params
 from pipeline.hardware import usable_cores
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,6 +34,13 @@ FAST_PARAMS = {
     "extract": {"arch": "vgg11", "weights": "random", "image_size": 32, "batch_size": 16, "num_workers": 0},
     "train": {"epochs": 5},
 }
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The slow tests first (stable: the rest keep their order). xdist's workers take the next test as they free
+    up, so the long ones start early on both workers and the short ones fill in at the end, rather than one worker
+    running a 30 s test alone after the other has finished."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -151,10 +159,22 @@ def project(tmp_path: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def reproduced_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def reproduced_template(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Path:
     """A three-class image folder project after one full `dvc repro`, with exact (fp32, float32) features: made
-    once per session; tests that change it take a copy (``reproduced``)."""
-    project = copy_project(tmp_path_factory.mktemp("reproduced") / "project")
+    once per test run, by the first xdist worker that needs it, while the others wait; tests that change it take a
+    copy (``reproduced``)."""
+    root = tmp_path_factory.getbasetemp()
+    root = root if worker_id == "master" else root.parent  # the run's directory, above each worker's own
+    made = root / "reproduced" / "made"
+    with FileLock(root / "reproduced.lock"):
+        if not made.exists():
+            _reproduce(root / "reproduced" / "project")
+            made.touch()
+    return root / "reproduced" / "project"
+
+
+def _reproduce(dest: Path) -> Path:
+    project = copy_project(dest)
     make_imagefolder(project / "data" / "raw", classes=("cat", "dog", "owl"), per_class=10)
     write_params(project, {"data": {"source": "imagefolder", "val_fraction": 0.2, "test_fraction": 0.3}})
     write_params(project, {"extract": {"precision": "fp32", "storage_dtype": "float32"}})
@@ -200,10 +220,30 @@ def copy_project(dest: Path, *, source: Path = ROOT) -> Path:
     # the pipeline's defaults: a test project never depends on the user's edits of their params.yaml
     (dest / "params.yaml").write_text(yaml.safe_dump(defaults(), sort_keys=False))
     write_params(dest, FAST_PARAMS)
+    record_backbone_check(dest)
     git(dest, "init", "-q")
     git(dest, "add", "-A")
     git(dest, "commit", "-qm", "project copy")
     return dest
+
+
+_CHECKED: dict[str, str] = {}  # backbone settings -> scan's record that they passed its check
+
+
+def record_backbone_check(project: Path) -> None:
+    """What scan records once the project's backbone settings pass its check (data/.images-backbone.json, which
+    git ignores), made by scan's own check in this process, once per settings: a new project's first scan then
+    does not import torch and torchvision for it, about 2 s. New settings are checked by scan as usual (the backbone
+    sweeps; a typo stopping scan: tests/test_backbones.py)."""
+    from pipeline import scan
+
+    record = project / "data" / ".images-backbone.json"
+    cfg = load_params(project / "params.yaml").extract
+    if repr(cfg) not in _CHECKED:
+        scan.check_backbone(cfg, record)
+        _CHECKED[repr(cfg)] = record.read_text()
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(_CHECKED[repr(cfg)])
 
 
 def project_env(project: Path) -> dict[str, str]:

@@ -15,6 +15,8 @@ from pipeline import audit, features, sources
 from tests.conftest import run, write_params
 from tests.test_dvc import extracted, natural_split, repro
 
+pytestmark = pytest.mark.xdist_group("audited")  # one worker sets up the module's project
+
 
 def issues(project: Path) -> list[dict[str, str]]:
     with open(project / "reports" / "audit" / "issues.csv", newline="", encoding="utf-8") as f:

@@ -89,6 +89,7 @@ def predict_and_export(project: Path, out: Path, *, bare: bool) -> None:
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", list(SWEEPS))
 def test_a_sweep_over_backbones_runs_every_family_through_and_back(
     reproduced: Path, family: str, monkeypatch: pytest.MonkeyPatch

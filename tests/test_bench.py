@@ -7,11 +7,13 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from bench.gpu import TOLERANCE, Utilisation, compare
 from tests.conftest import ROOT
 
 
+@pytest.mark.slow
 def test_gpu_script_runs_whole_on_the_cpu(tmp_path: Path):
     """bench/gpu.sh as a person runs it, with --quick --device cpu: set-up check, generated files, extractions
     with decode fast and device on both folders, the bare network, the feature checks (bf16 against fp32 here:

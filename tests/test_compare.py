@@ -89,6 +89,7 @@ def test_refusals_are_one_error_line(history: Path, args: list[str], message: st
     assert stop.value.code == 2 and len(err.splitlines()) == 1 and re.match(message, err), err
 
 
+@pytest.mark.slow
 def test_an_experiment_against_head_the_workspace_and_all_of_them(reproduced: Path):
     """Real `dvc repro` and `dvc exp run` outputs, from the DVC cache: the experiment's results are also the
     workspace's, so all three ways say the same."""

@@ -86,6 +86,7 @@ def digits(project: Path) -> Path:
     return project
 
 
+@pytest.mark.slow
 def test_two_processes_give_byte_identical_features_and_a_failed_one_leaves_no_file(digits: Path):
     run(digits, *stage(digits, 1))
     single = digests(digits)
@@ -163,6 +164,7 @@ def small(project: Path) -> Path:
     return project
 
 
+@pytest.mark.slow
 def test_two_machines_sharing_the_project_give_the_one_process_bytes(small: Path):
     run_stage(small, "extract")
     single = digests(small)
@@ -180,6 +182,7 @@ def test_machines_that_do_not_share_the_project_directory_are_refused(small: Pat
     assert not (small / FEATURES).exists() and not (other / FEATURES).exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("arch", "size"), [("resnet18", 32), ("timm/test_vit", "auto")])
 def test_a_cnn_and_a_vit_give_the_same_bytes_grown_over_two_processes_and_after_a_kill(
     project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, arch: str, size: int | str

@@ -76,6 +76,7 @@ def manifest(project: Path) -> dict[str, str]:
     return {it.id: it.split for it in items}
 
 
+@pytest.mark.slow
 def test_a_growing_folder_extracts_only_new_and_changed_images_and_keeps_every_split(imagefolder_project: Path):
     project, root = imagefolder_project, imagefolder_project / "data" / "raw"
     before = manifest(project)
@@ -102,6 +103,7 @@ def test_a_growing_folder_extracts_only_new_and_changed_images_and_keeps_every_s
     assert extracted(project) == (38, 0)
 
 
+@pytest.mark.slow
 def test_an_incremental_run_killed_mid_extraction_resumes_byte_identically(imagefolder_project: Path):
     project, root = imagefolder_project, imagefolder_project / "data" / "raw"
     rng = np.random.default_rng(7)
@@ -199,6 +201,7 @@ def test_a_dangling_link_is_named_in_one_line_under_raise_and_listed_under_skip(
     assert extracted(project) == (0, 30)  # checking every image decodes changes no row
 
 
+@pytest.mark.slow
 def test_corrections_relabel_and_drop_by_key_and_rerun_from_prepare_with_nothing_extracted(imagefolder_project: Path):
     project = imagefolder_project
     items, _ = sources.read_manifest(project / "data" / "prepared")
@@ -218,6 +221,7 @@ def natural_split(item_id: str, val: float = 0.2, test: float = 0.3) -> str:
     return "test" if u < test else "val" if u < test + val else "train"
 
 
+@pytest.mark.slow
 def test_digits_pipeline_end_to_end_with_metrics_and_plots(project: Path):
     """The embedded default, offline (random weights), through dvc: accuracy and every output in place."""
     write_params(project, {"curve": {"seeds": 2}})  # the default six points, 11 fits rather than 26
@@ -242,6 +246,7 @@ def metrics_width(project: Path) -> int:
     return max(map(len, run(project, "dvc", "metrics", "show").stdout.splitlines()))
 
 
+@pytest.mark.slow
 def test_a_hundred_classes_of_three_images_run_through_and_their_metrics_fit_160_columns(project: Path):
     """Few-shot: one image a split is all a class needs. Regression: `dvc metrics show` had grown to 199 columns."""
     rng = np.random.default_rng(3)
@@ -257,6 +262,7 @@ def test_a_hundred_classes_of_three_images_run_through_and_their_metrics_fit_160
     assert metrics_width(project) <= 160
 
 
+@pytest.mark.slow
 def test_a_sweep_over_heads_reuses_the_cached_features(imagefolder_project: Path):
     features = {p.name: digest(p) for p in (imagefolder_project / "data" / "features").glob("*.h5")}
     out = run(imagefolder_project, "dvc", "exp", "run", "-S", "train.head=logreg").stdout
@@ -276,6 +282,7 @@ def test_changing_only_nproc_reruns_extract_alone_which_reuses_every_row(imagefo
     assert (metrics["extracted"], metrics["reused"]) == (0, 30)  # the row store does not depend on nproc
 
 
+@pytest.mark.slow
 def test_a_clone_without_images_trains_on_pulled_features_then_extracts_only_the_images_it_adds(
     reproduced: Path, tmp_path: Path
 ):
@@ -348,6 +355,7 @@ def test_each_stage_lists_exactly_the_modules_it_imports(stage: str):
     assert {dep_module(d) for d in deps if d.startswith("pipeline/")} == pipeline_imports(stage)
 
 
+@pytest.mark.slow
 def test_each_stage_run_alone_with_no_arguments_writes_what_dvc_repro_would(imagefolder_project: Path):
     (imagefolder_project / "models/head.pt").unlink()
     for path in ("data/prepared", "data/features", "reports"):
@@ -361,6 +369,7 @@ def test_each_stage_run_alone_with_no_arguments_writes_what_dvc_repro_would(imag
     ], status  # fmt: skip
 
 
+@pytest.mark.slow
 def test_a_queued_experiment_sees_the_images_that_dvc_tracks(reproduced: Path):
     """The README's way to one's own images: `dvc add data/raw` and a commit. Queued runs start from a clone of
     the last commit, so untracked images never reach them (scan then kept the old listing: "no images in

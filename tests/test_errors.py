@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import make_imagefolder, run, write_params
 
 
@@ -35,6 +37,7 @@ def test_a_bad_parameter(project: Path):
     assert failed_repro(project) == "error: extract.batch_size = 0 is not valid: expected an integer >= 1"
 
 
+@pytest.mark.slow
 def test_a_broken_image_in_the_second_of_two_processes(project: Path):
     make_imagefolder(project / "data" / "raw", classes=("cat", "dog"), per_class=20)
     write_params(project, {"data": {"source": "imagefolder"}, "extract": {"batch_size": 4, "nproc": 2}})

@@ -115,6 +115,7 @@ def test_lzf_compression_changes_the_filter_not_the_values(tmp_path: Path, image
     np.testing.assert_array_equal(values["none"], values["lzf"])
 
 
+@pytest.mark.slow
 def test_compiled_network_gives_the_same_features(tmp_path: Path, imagefolder: Path):
     data = {"source": "imagefolder", "root": str(imagefolder)}
     runs = {}

@@ -44,7 +44,8 @@ def test_a_project_copy_holds_the_committed_files_and_none_of_the_users_images(t
     source_tree(source, ADDED | {"pipeline/__pycache__/scan.cpython-311.pyc": "", "pipeline/audit.py": ""})
     project = copy_project(tmp_path / "project", source=source)
     # a module being written (untracked, not ignored) is part of the code under test; caches are not
-    assert copied(project) == set(HELD) | {"pipeline/audit.py", "params.yaml"}
+    # and scan's record that the backbone settings passed its check, which git ignores (record_backbone_check)
+    assert copied(project) == set(HELD) | {"pipeline/audit.py", "params.yaml", "data/.images-backbone.json"}
 
 
 def test_a_project_copy_outside_a_git_checkout_leaves_the_users_images_too(
@@ -53,4 +54,4 @@ def test_a_project_copy_outside_a_git_checkout_leaves_the_users_images_too(
     monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))  # git looks for no checkout above this one
     source = source_tree(tmp_path / "unpacked", HELD | ADDED | {"pipeline/__pycache__/scan.cpython-311.pyc": ""})
     project = copy_project(tmp_path / "project", source=source)
-    assert copied(project) == set(HELD) | {"params.yaml"}
+    assert copied(project) == set(HELD) | {"params.yaml", "data/.images-backbone.json"}
