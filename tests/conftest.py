@@ -37,10 +37,14 @@ FAST_PARAMS = {
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The slow tests first (stable: the rest keep their order). xdist's workers take the next test as they free
-    up, so the long ones start early on both workers and the short ones fill in at the end, rather than one worker
-    running a 30 s test alone after the other has finished."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    """The slow tests first (the rest keep their order): xdist's workers take the next test as they free up, so the
+    long ones start early on both and the short ones fill in at the end, rather than one worker running a 30 s test
+    alone after the other has finished. Of the slow ones, the first needs the session's project, which takes about
+    15 s to make, and the next few do not, so that the other worker need not wait for it."""
+    slow = [item for item in items if item.get_closest_marker("slow")]
+    needs = [item for item in slow if "reproduced_template" in item.fixturenames]
+    others = [item for item in slow if item not in needs]
+    items[:] = needs[:1] + others + needs[1:] + [item for item in items if item not in slow]
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -158,19 +162,23 @@ def project(tmp_path: Path) -> Path:
     return copy_project(tmp_path / "project")
 
 
+def made_once(factory: pytest.TempPathFactory, worker_id: str, name: str, make: Callable[[Path], object]) -> Path:
+    """``make(path)`` once per test run, whichever xdist worker needs it first; the others wait for it. Tests take
+    a copy of what it makes to change or to run dvc in."""
+    root = factory.getbasetemp()
+    root = root if worker_id == "master" else root.parent  # the run's directory, above each worker's own
+    path, made = root / name / "project", root / name / "made"
+    with FileLock(root / f"{name}.lock"):
+        if not made.exists():
+            make(path)
+            made.touch()
+    return path
+
+
 @pytest.fixture(scope="session")
 def reproduced_template(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Path:
-    """A three-class image folder project after one full `dvc repro`, with exact (fp32, float32) features: made
-    once per test run, by the first xdist worker that needs it, while the others wait; tests that change it take a
-    copy (``reproduced``)."""
-    root = tmp_path_factory.getbasetemp()
-    root = root if worker_id == "master" else root.parent  # the run's directory, above each worker's own
-    made = root / "reproduced" / "made"
-    with FileLock(root / "reproduced.lock"):
-        if not made.exists():
-            _reproduce(root / "reproduced" / "project")
-            made.touch()
-    return root / "reproduced" / "project"
+    """A three-class image folder project after one full `dvc repro`, with exact (fp32, float32) features."""
+    return made_once(tmp_path_factory, worker_id, "reproduced", _reproduce)
 
 
 def _reproduce(dest: Path) -> Path:

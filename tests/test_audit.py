@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,10 +13,8 @@ import pytest
 from PIL import Image, ImageEnhance
 
 from pipeline import audit, features, sources
-from tests.conftest import run, write_params
+from tests.conftest import made_once, run, write_params
 from tests.test_dvc import extracted, natural_split, repro
-
-pytestmark = pytest.mark.xdist_group("audited")  # one worker sets up the module's project
 
 
 def issues(project: Path) -> list[dict[str, str]]:
@@ -28,13 +27,15 @@ def name_in(split: str, folder: str, stem: str) -> str:
     return next(f"{stem}{n}.png" for n in range(1000) if natural_split(f"{folder}/{stem}{n}.png") == split)
 
 
-@pytest.fixture(scope="module")
-def audited(reproduced_template: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+@pytest.fixture(scope="session")
+def audited(reproduced_template: Path, tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Path:
     """The session's three-class project with an exact and a re-saved copy of two test images put in train, and
-    a training image of class cat moved to owl; after `dvc repro evaluate`."""
-    import shutil
+    a training image of class cat moved to owl; after `dvc repro evaluate`. Made once per run, for every worker."""
+    return made_once(tmp_path_factory, worker_id, "audited", lambda path: _audit(reproduced_template, path))
 
-    project = Path(shutil.copytree(reproduced_template, tmp_path_factory.mktemp("audit") / "p", symlinks=True))
+
+def _audit(template: Path, dest: Path) -> None:
+    project = Path(shutil.copytree(template, dest, symlinks=True))
     root = project / "data" / "raw"
     items, _ = sources.read_manifest(project / "data" / "prepared")
     tests = [it.id for it in items if it.split == "test"]
@@ -46,7 +47,6 @@ def audited(reproduced_template: Path, tmp_path_factory: pytest.TempPathFactory)
     (root / cat).rename(root / "owl" / name_in("train", "owl", "was_cat"))
     (project / "truth.json").write_text(json.dumps({"exact": exact, "near": near}))
     assert {"prepare", "extract", "audit", "evaluate"} <= set(repro(project, "evaluate"))  # the curve: no audit
-    return project
 
 
 def test_copies_of_test_images_in_train_are_leaks_and_a_flipped_label_is_found(audited: Path):
@@ -72,16 +72,15 @@ def test_copies_of_test_images_in_train_are_leaks_and_a_flipped_label_is_found(a
         assert Image.open(audited / "reports" / "audit" / "plots" / f"{kind}.png").width > 0
 
 
-def test_the_audit_changes_no_other_stage_s_outputs(audited: Path):
+def test_the_audit_changes_no_other_stage_s_outputs(audited: Path, tmp_path: Path):
     """Its outputs are its own: after it ran, every stage but scan (always run) is up to date, extract and train
     included, and their locked outputs are the files on disk."""
-    status = run(audited, "dvc", "status", "--json", "--with-deps", "evaluate").stdout  # and every stage before it
+    project = Path(shutil.copytree(audited, tmp_path / "p", symlinks=True))  # the run's own is shared
+    status = run(project, "dvc", "status", "--json", "--with-deps", "evaluate").stdout  # and every stage before it
     assert json.loads(status) == {"scan": ["always changed"]}, status
 
 
 def test_a_class_with_one_training_image_is_left_out_of_the_label_check_in_one_line(audited: Path, tmp_path: Path):
-    import shutil
-
     project = Path(shutil.copytree(audited, tmp_path / "p", symlinks=True))
     write_params(project, {"data": {"per_class_limit": 1}})
     result = run(project, "dvc", "repro", "audit")
@@ -90,8 +89,6 @@ def test_a_class_with_one_training_image_is_left_out_of_the_label_check_in_one_l
 
 
 def test_features_of_another_manifest_are_refused_in_one_line(audited: Path, tmp_path: Path):
-    import shutil
-
     project = Path(shutil.copytree(audited, tmp_path / "p", symlinks=True))
     manifest = project / "data" / "prepared" / "manifest.csv"
     lines = manifest.read_text().splitlines()

@@ -26,9 +26,6 @@ CHARTS = {
 VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
 
 
-pytestmark = pytest.mark.xdist_group("page")  # one worker sets up the module's project
-
-
 def test_the_offline_page_is_dvcs_page_with_the_scripts_inlined():
     page = plots.offline_page("/* the bundle */")
     assert "{plot_divs}" in page and "{scripts}" not in page

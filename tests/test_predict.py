@@ -18,8 +18,6 @@ import torch
 from pipeline import features, heads, sources
 from tests.conftest import run
 
-pytestmark = pytest.mark.xdist_group("trained")  # one worker sets up the module's project
-
 
 @pytest.fixture(scope="module")
 def trained(reproduced_template: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:

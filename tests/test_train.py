@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -8,8 +9,9 @@ import torch
 from PIL import Image
 
 from pipeline import features, folders, heads, listing, provenance, sources
-from pipeline.config import DataConfig, TrainConfig, parse_params
+from pipeline.config import DataConfig, TrainConfig, load_params, parse_params
 from pipeline.errors import PipelineError
+from pipeline.provenance import check_provenance
 from pipeline.train import Split, expected_provenance, load_split, train
 from tests.conftest import FAST_PARAMS, feature_provenance, run_stage, write_blob_features, write_params
 
@@ -104,21 +106,32 @@ def test_provenance_expected_from_params():
     assert set(expected_provenance(explicit)) <= set(provenance.IDENTITY_KEYS)
 
 
-@pytest.mark.parametrize(
-    ("changes", "params", "message"),
-    [
-        ({"layer": "pool4"}, {"layer": "pool5"}, "made with layer = 'pool4', but 'pool5' is asked for"),
-        ({"weights": "imagenet"}, {}, "made with weights = 'imagenet', but 'random' is asked for"),
-        # regressions: the README said train checks these, and it did not
-        ({"decode": "exact"}, {}, "made with decode = 'exact', but 'fast' is asked for"),
-        ({"precision": "bf16"}, {"precision": "fp32"}, "made with precision = 'bf16', but 'fp32' is asked for"),
-    ],
-)
-def test_train_stage_refuses_features_made_otherwise(project: Path, changes: dict, params: dict, message: str):
+REFUSED = [
+    ({"layer": "pool4"}, {"layer": "pool5"}, "made with layer = 'pool4', but 'pool5' is asked for"),
+    ({"weights": "imagenet"}, {}, "made with weights = 'imagenet', but 'random' is asked for"),
+    # regressions: the README said train checks these, and it did not
+    ({"decode": "exact"}, {}, "made with decode = 'exact', but 'fast' is asked for"),
+    ({"precision": "bf16"}, {"precision": "fp32"}, "made with precision = 'bf16', but 'fp32' is asked for"),
+]
+
+
+@pytest.mark.parametrize(("changes", "params", "message"), REFUSED)
+def test_features_made_otherwise_are_refused_in_one_line(project: Path, changes: dict, params: dict, message: str):
+    write_params(project, {"extract": params})
+    write_blob_features(project / "data" / "features", **changes)
+    made = features.read_provenance(project / "data" / "features" / "train.h5")
+    with pytest.raises(PipelineError, match=re.escape(message)) as err:
+        check_provenance(made, expected_provenance(load_params(project / "params.yaml")), source="train.h5")
+    assert "\n" not in str(err.value)
+
+
+def test_the_train_stage_refuses_them_before_any_work(project: Path):
+    changes, params, message = REFUSED[-1]
     write_params(project, {"extract": params})
     write_blob_features(project / "data" / "features", **changes)
     result = run_stage(project, "train", check=False)
     assert result.returncode == 2 and message in result.stderr
+    assert [line for line in result.stderr.splitlines() if line.startswith("error:")] == result.stderr.splitlines()[-1:]
     assert not (project / "models" / "head.pt").exists()
 
 
