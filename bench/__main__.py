@@ -134,6 +134,10 @@ def pipeline_run_dir(root: Path, work: Path, tag: str, extract: dict[str, Any]) 
         shutil.rmtree(run_dir / "prepared", ignore_errors=True)
         shutil.copytree(done / "prepared", run_dir / "prepared")
     else:
+        for earlier in _PREPARED.values():  # scan checks the backbone again only for settings it has not passed
+            if (record := earlier / ".images-backbone.json").is_file():
+                shutil.copy2(record, run_dir / record.name)
+                break
         measured([sys.executable, "-m", "pipeline.scan", "--out", "images.csv"], run_dir)
         prepare = ["--images", "images.csv", "--corrections", "corrections.csv"]  # none there: no corrections
         prepare += ["--out", "prepared", "--metrics", "prepare.json"]
