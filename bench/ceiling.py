@@ -3,6 +3,7 @@
     python -m bench.ceiling --image-size 224 --precision bf16 --stats out.json   # a short burst (bench.gpu)
     python -m bench.ceiling --precision bf16 --trace bare.jsonl                 # runs until killed, a line a batch
     python -m bench.ceiling --pipeline --trace pipe.jsonl                       # pipeline.extract, a line a batch
+    python -m bench.ceiling --arch resnet50 --precision bf16 --spread 3         # identical bare processes, paired
 
 The burst (``--stats``: the median of a few batches after one warm-up call) is what bench.gpu takes on a GPU, where
 a batch takes milliseconds. On a CPU it is no ceiling: a few batches of a few seconds each measure whatever the
@@ -26,6 +27,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -224,6 +226,35 @@ def _turn(side: Side, slice_s: float) -> None:
     side.windows.append((start, time.monotonic()))
 
 
+def spread(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
+    """``args.spread`` pairs of two identical bare processes, interleaved as :func:`paired` runs a round: each
+    one's rate over its running time and over each third of it. The ratio of the two is the benchmark's own noise;
+    its thirds say whether that noise comes and goes with the machine, or stays with the process for its life."""
+    cmd = [sys.executable, "-m", "bench.ceiling", f"--arch={args.arch}", f"--layer={args.layer}"]
+    cmd += [f"--image-size={args.image_size}", f"--precision={args.precision}", f"--batch-size={args.batch_size}"]
+    env = os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    pairs = []
+    for _ in range(args.spread):
+        sides = [Side(name, [*cmd, f"--trace={work / name}.jsonl"], work, work / f"{name}.jsonl") for name in "ab"]
+        paired(sides, args.seconds, env)
+        a, b = (_thirds(side, args.batch_size) for side in sides)
+        pair = {"a": a, "b": b, "ratio_thirds": [x / y for x, y in zip(a[1:], b[1:], strict=True)]}
+        pairs.append(pair | {"ratio": a[0] / b[0]})
+        print(json.dumps(pairs[-1]), flush=True)
+    return pairs
+
+
+def _thirds(side: Side, batch: int) -> list[float]:
+    """Images/s over the running time after the first batch, then over each third of those batches."""
+    ends = side.ends()
+    at = [_overlap(side.windows or [], ends[0], end) for end in ends]  # running time at each batch's end
+    n = len(ends) - 1
+    if n < 3:
+        raise SystemExit(f"{side.name}: {n} batches after the first; give --seconds enough for at least 3")
+    cuts = [0, n // 3, 2 * n // 3, n]
+    return [batch * n / at[n]] + [batch * (b - a) / (at[b] - at[a]) for a, b in zip(cuts, cuts[1:], strict=False)]
+
+
 def _rate(side: Side) -> dict[str, Any]:
     ends, running = side.ends(), side.running_time()
     batches = len(ends) - 1
@@ -247,7 +278,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="burst: batches timed after one warm-up")
     parser.add_argument("--stats", type=Path, help="burst: write its median images/s here")
     parser.add_argument("--trace", type=Path, help="sustained: a JSON line a batch, until killed")
+    parser.add_argument("--spread", type=int, help="run this many pairs of identical bare processes, interleaved")
+    parser.add_argument("--seconds", type=float, default=24.0, help="--spread: running time of each process")
     args = parser.parse_args()
+    if args.spread:
+        with tempfile.TemporaryDirectory(prefix="bench-spread-") as tmp:
+            spread(args, Path(tmp))
+        return
     if not (args.stats or args.trace) or (args.pipeline and not args.trace):
         parser.error("give --stats (a burst) or --trace (sustained; --pipeline needs it)")
     if args.pipeline:
