@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from bench.ceiling import Side, paired
+from bench.ceiling import Side, bare_side, paired
 from bench.images import make_jpegs
 from pipeline.config import ExtractConfig
 from pipeline.hardware import decode_workers, resolve_device, resolve_precision
@@ -86,14 +86,11 @@ def one_round(
     tag = f"{arch.replace('/', '-')}-{size}"
     opts = {"arch": arch, "image_size": size, "batch_size": BATCH, "precision": precision}
     run_dir = pipeline_run_dir(root, work, tag, opts)
-    bare = [sys.executable, "-m", "bench.ceiling", f"--arch={arch}", f"--image-size={size}"]
-    bare += [f"--precision={precision}", f"--batch-size={BATCH}"]
     pipe_trace = work / f"pipe-{tag}.jsonl"
     sides = [Side("pipeline", [sys.executable, "-m", "bench.ceiling", "--pipeline", f"--trace={pipe_trace}"],
                   run_dir, pipe_trace)]  # fmt: skip
-    for i in range(bares):
-        trace = work / f"bare{i}-{tag}.jsonl"
-        sides.append(Side(f"bare{i}", [*bare, f"--trace={trace}"], work, trace))
+    options = {"arch": arch, "image_size": size, "precision": precision, "batch_size": BATCH}
+    sides += [bare_side(f"bare{i}", work, work / f"bare{i}-{tag}.jsonl", **options) for i in range(bares)]
     env = os.environ | {"PYTHONPATH": str(REPO), "DVC_NO_ANALYTICS": "1"}
     got = paired(sides[1:] + sides[:1] if bare_first else sides, seconds, env)
     pipe, bare_sides = got["pipeline"], sides[1:]

@@ -226,33 +226,42 @@ def _turn(side: Side, slice_s: float) -> None:
     side.windows.append((start, time.monotonic()))
 
 
+def bare_side(name: str, cwd: Path, trace: Path, **options: object) -> Side:
+    """A bare network's process for :func:`paired`: ``options`` are this command's (arch, image_size, ...)."""
+    flags = [f"--{key.replace('_', '-')}={value}" for key, value in options.items()]
+    return Side(name, [sys.executable, "-m", "bench.ceiling", *flags, f"--trace={trace}"], cwd, trace)
+
+
 def spread(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
     """``args.spread`` pairs of two identical bare processes, interleaved as :func:`paired` runs a round: each
     one's rate over its running time and over each third of it. The ratio of the two is the benchmark's own noise;
     its thirds say whether that noise comes and goes with the machine, or stays with the process for its life."""
-    cmd = [sys.executable, "-m", "bench.ceiling", f"--arch={args.arch}", f"--layer={args.layer}"]
-    cmd += [f"--image-size={args.image_size}", f"--precision={args.precision}", f"--batch-size={args.batch_size}"]
+    options = {"arch": args.arch, "layer": args.layer, "image_size": args.image_size, "precision": args.precision,
+               "batch_size": args.batch_size}  # fmt: skip
     env = os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     pairs = []
     for _ in range(args.spread):
-        sides = [Side(name, [*cmd, f"--trace={work / name}.jsonl"], work, work / f"{name}.jsonl") for name in "ab"]
-        paired(sides, args.seconds, env)
-        a, b = (_thirds(side, args.batch_size) for side in sides)
-        pair = {"a": a, "b": b, "ratio_thirds": [x / y for x, y in zip(a[1:], b[1:], strict=True)]}
-        pairs.append(pair | {"ratio": a[0] / b[0]})
+        sides = [bare_side(name, work, work / f"{name}.jsonl", **options) for name in "ab"]
+        got = paired(sides, args.seconds, env)
+        a, b = (_thirds(side) for side in sides)
+        pairs.append({
+            "images_per_s": [args.batch_size * got[side.name]["batch_rate"] for side in sides],
+            "ratio": got["a"]["batch_rate"] / got["b"]["batch_rate"],
+            "ratio_thirds": [x / y for x, y in zip(a, b, strict=True)],
+        })  # fmt: skip
         print(json.dumps(pairs[-1]), flush=True)
     return pairs
 
 
-def _thirds(side: Side, batch: int) -> list[float]:
-    """Images/s over the running time after the first batch, then over each third of those batches."""
+def _thirds(side: Side) -> list[float]:
+    """Batches/s over each third of the batches after the first, each over its own running time."""
     ends = side.ends()
     at = [_overlap(side.windows or [], ends[0], end) for end in ends]  # running time at each batch's end
     n = len(ends) - 1
     if n < 3:
         raise SystemExit(f"{side.name}: {n} batches after the first; give --seconds enough for at least 3")
     cuts = [0, n // 3, 2 * n // 3, n]
-    return [batch * n / at[n]] + [batch * (b - a) / (at[b] - at[a]) for a, b in zip(cuts, cuts[1:], strict=False)]
+    return [(b - a) / (at[b] - at[a]) for a, b in zip(cuts, cuts[1:], strict=False)]
 
 
 def _rate(side: Side) -> dict[str, Any]:
