@@ -16,8 +16,9 @@ if [[ -z "${PYTHON:-}" ]]; then
     PYTHON=python3
     [[ -x .venv/bin/python ]] && PYTHON=.venv/bin/python
 fi
-needs="import torch, torchvision, h5py, numpy, PIL, sklearn, yaml, tqdm"
-if ! "$PYTHON" -c "$needs" 2>/dev/null; then
+# whether each package is there, without importing them (torch and scikit-learn alone take seconds)
+needs="import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in sys.argv[1:]))"
+if ! "$PYTHON" -c "$needs" torch torchvision h5py numpy PIL sklearn yaml tqdm 2>/dev/null; then
     echo "setting up .venv-gpu (pip install -e .) ..."
     python3 -m venv .venv-gpu
     .venv-gpu/bin/pip install -q -e .
