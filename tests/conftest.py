@@ -241,8 +241,8 @@ _CHECKED: dict[str, str] = {}  # backbone settings -> scan's record that they pa
 def record_backbone_check(project: Path) -> None:
     """What scan records once the project's backbone settings pass its check (data/.images-backbone.json, which
     git ignores), made by scan's own check in this process, once per settings: a new project's first scan then
-    does not import torch and torchvision for it, about 2 s. New settings are checked by scan as usual (the backbone
-    sweeps; a typo stopping scan: tests/test_backbones.py)."""
+    does not import torch and torchvision for it, about 2 s. A scan process checks settings that no record names:
+    a fresh clone's (tests/test_dvc.py), a queued experiment's, and a typo stopping scan (tests/test_backbones.py)."""
     from pipeline import scan
 
     record = project / "data" / ".images-backbone.json"

@@ -24,7 +24,7 @@ from pipeline.backbones.base import Output, Pool, Preprocessing, choose_pool
 from pipeline.config import ExtractConfig
 from pipeline.errors import PipelineError
 from pipeline.images import open_image
-from tests.conftest import run, write_params
+from tests.conftest import record_backbone_check, run, write_params
 
 # Each family through dvc repro, with its contract's hard cases (random weights, on the CPU): fine-tuned files
 # whose classifier has another size (a DDP checkpoint dict, a 2-way VGG, timm models of 10 classes), a timm ViT
@@ -59,6 +59,7 @@ def repro(project: Path, params: dict, *targets: str) -> list[str]:
         torch.save(FINE_TUNED[params["weights"]](), project / params["weights"])
     extract = {"weights": "random", "layer": "auto", "pool": "auto", "image_size": "auto"} | params
     write_params(project, {"extract": extract})
+    record_backbone_check(project)  # scan's own check, in this process: a scan process need not import torch for it
     return re.findall(r"Running stage '(\w+)'", run(project, "dvc", "repro", *targets).stdout)
 
 
