@@ -98,7 +98,7 @@ class Charts(HTMLParser):
             self.texts[self._open[-1][1]].append(data.strip())
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def page(reproduced_template: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """`dvc plots show` of the session's three-class project, with the offline template installed."""
     project = Path(shutil.copytree(reproduced_template, tmp_path_factory.mktemp("plots") / "p", symlinks=True))

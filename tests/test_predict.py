@@ -19,7 +19,7 @@ from pipeline import features, heads, sources
 from tests.conftest import run
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def trained(reproduced_template: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The session's project on a generated image folder, with exact (fp32, float32) features, in a copy."""
     return Path(shutil.copytree(reproduced_template, tmp_path_factory.mktemp("predict") / "project", symlinks=True))
@@ -67,7 +67,7 @@ def test_predict_takes_folders(trained: Path):
     assert result.stdout.count("data/raw/owl/") == 10
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def exported(trained: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """`python -m pipeline.export` of the trained head: model.pt2 and model.json."""
     out = tmp_path_factory.mktemp("export") / "export"

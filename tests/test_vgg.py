@@ -22,7 +22,7 @@ from tests.conftest import cached_hub_weights, color_image
 CFG = ExtractConfig(arch="vgg11", weights="random", image_size=64)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def vgg11() -> torchvision.models.VGG:
     torch.manual_seed(0)
     return torchvision.models.vgg11().eval()

@@ -41,13 +41,20 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got - want).norm() / want.norm())
 
 
-@pytest.mark.parametrize("layer", ["pool5", "fc7"])
-def test_a_vgg_fine_tuned_on_two_classes_gives_torchvision_s_features(tmp_path: Path, pngs: list[Path], layer: str):
-    """Regression: the 2-way classifier.6 of a fine-tuned VGG was refused ("size mismatch … does not fit")."""
+@pytest.fixture(scope="session")
+def two_way_vgg(tmp_path_factory: pytest.TempPathFactory) -> tuple[nn.Module, Path]:
+    """A VGG11 fine-tuned (random here) on two classes, and its state dict as a file (507 MB, made once)."""
     torch.manual_seed(3)
     model = torchvision.models.vgg11(num_classes=2).eval()
-    torch.save(model.state_dict(), tmp_path / "cats-dogs.pth")
-    got = ours(tmp_path / "cats-dogs.pth", pngs, arch="vgg11", layer=layer, image_size=64)
+    torch.save(model.state_dict(), path := tmp_path_factory.mktemp("two-way") / "cats-dogs.pth")
+    return model, path
+
+
+@pytest.mark.parametrize("layer", ["pool5", "fc7"])
+def test_a_vgg_fine_tuned_on_two_classes_gives_torchvision_s_features(two_way_vgg, pngs: list[Path], layer: str):
+    """Regression: the 2-way classifier.6 of a fine-tuned VGG was refused ("size mismatch … does not fit")."""
+    model, path = two_way_vgg
+    got = ours(path, pngs, arch="vgg11", layer=layer, image_size=64)
     with torch.inference_mode():
         x = model.features(torchvision_input("vgg11", pngs, crop_size=64, resize_size=73))
         want = x.mean((2, 3)) if layer == "pool5" else model.classifier[:5](torch.flatten(model.avgpool(x), 1))
