@@ -89,8 +89,7 @@ def one_round(
     pipe_trace = work / f"pipe-{tag}.jsonl"
     sides = [Side("pipeline", [sys.executable, "-m", "bench.ceiling", "--pipeline", f"--trace={pipe_trace}"],
                   run_dir, pipe_trace)]  # fmt: skip
-    options = {"arch": arch, "image_size": size, "precision": precision, "batch_size": BATCH}
-    sides += [bare_side(f"bare{i}", work, work / f"bare{i}-{tag}.jsonl", **options) for i in range(bares)]
+    sides += [bare_side(f"bare{i}", work, work / f"bare{i}-{tag}.jsonl", **opts) for i in range(bares)]
     env = os.environ | {"PYTHONPATH": str(REPO), "DVC_NO_ANALYTICS": "1"}
     got = paired(sides[1:] + sides[:1] if bare_first else sides, seconds, env)
     pipe, bare_sides = got["pipeline"], sides[1:]

@@ -37,8 +37,7 @@ def seed(store: RowStore, needs: Mapping[bytes, Sequence[str]], features_dir: Pa
     try:  # one view of the project for every split: each dvc.api.open would index the project again
         fs = DVCFileSystem(subrepos=True)
         for split in SPLITS:
-            path = Path(os.path.relpath(Path(features_dir) / f"{split}.h5")).as_posix()  # from the project root
-            with fs.open(path, mode="rb") as f:
+            with fs.open(f"{_from_root(Path(features_dir))}/{split}.h5", mode="rb") as f:
                 for view, keys, rows in keyed_rows(f, missing, store.dir.name):
                     store.append(keys, {view: rows})
                     added += len(keys)
@@ -59,9 +58,14 @@ def recorded(features_dir: Path) -> bool:
     if features_dir.with_name(f"{features_dir.name}.dvc").exists():
         return True
     try:
-        return Path(os.path.relpath(features_dir)).as_posix() in Path("dvc.lock").read_text()
+        return _from_root(features_dir) in Path("dvc.lock").read_text()
     except (OSError, ValueError):  # no lock; or (ValueError) the directory is on another drive than the project
         return False
+
+
+def _from_root(path: Path) -> str:
+    """``path`` as DVC names it: relative to the project root (the working directory), with forward slashes."""
+    return Path(os.path.relpath(path)).as_posix()
 
 
 def keyed_rows(
