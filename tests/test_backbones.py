@@ -21,7 +21,7 @@ from torch import nn
 
 from pipeline import backbones, features
 from pipeline.backbones.base import Output, Pool, Preprocessing, choose_pool
-from pipeline.config import ExtractConfig
+from pipeline.config import ExtractConfig, load_params
 from pipeline.errors import PipelineError
 from pipeline.images import open_image
 from tests.conftest import record_backbone_check, run, write_params
@@ -95,22 +95,25 @@ def predict_and_export(project: Path, out: Path, *, bare: bool) -> None:
 def test_a_sweep_over_backbones_runs_every_family_through_and_back(
     reproduced: Path, family: str, monkeypatch: pytest.MonkeyPatch
 ):
+    from pipeline import extract, train
+
     monkeypatch.chdir(reproduced)  # predict and export rebuild the backbone with its weights file, as recorded
+    monkeypatch.setattr(sys, "argv", ["train"])
     for i, (params, resolved) in enumerate(SWEEPS[family]):
-        # each up to the head that predict and export use: the stages after it read features as rows of numbers
-        # and their provenance, the same whatever made them (the project's VGG has been through every stage)
-        assert repro(reproduced, params, "train") == ["scan", "extract", "train"], params
+        # each family's extraction through dvc repro, then the head that predict and export use, by the train
+        # stage's own main() in this process: train, and the stages after it, read features as rows of numbers and
+        # their provenance, the same whatever made them (the project's VGG has been through every stage, and
+        # tests/test_dvc.py's sweep over heads runs train through `dvc exp run` on them)
+        assert repro(reproduced, params, "extract") == ["scan", "extract"], params
         prov = features.read_provenance(reproduced / "data" / "features" / "train.h5")
         assert (prov["arch"], prov["layer"], prov["pool"]) == (params["arch"], *resolved)
         assert prov["weights_source"].startswith(f"file {params['weights']} ") if "weights" in params else True
+        train.main()
         predict_and_export(reproduced, reproduced / "models" / f"export-{i}", bare=i == 0)
-    if family == "cnn":  # back to the project's VGG: its features come back from DVC's run cache, its rows are kept;
-        # train re-runs to the same head, so that audit, evaluate and the curve, last run on these features, have
-        # nothing to do
-        assert repro(reproduced, {"arch": "vgg11", "image_size": 32}) == ["scan", "train"]
-        run(reproduced, "python", "-m", "pipeline.extract")
-        extracted = json.loads((reproduced / "reports" / "extract" / "metrics.json").read_text())
-        assert (extracted["extracted"], extracted["reused"]) == (0, 30)
+    if family == "cnn":  # back to the project's VGG: its features come back from DVC's run cache, its rows are kept
+        assert repro(reproduced, {"arch": "vgg11", "image_size": 32}, "extract") == ["scan"]
+        stats = extract.extract(load_params(), Path("data/prepared"), Path("data/features"))
+        assert stats is not None and (stats["images"], stats["reused"]) == (0, 30)
 
 
 RANDOM = ExtractConfig(weights="random")

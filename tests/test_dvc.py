@@ -201,7 +201,9 @@ def test_corrections_relabel_and_drop_by_key_and_rerun_from_prepare_with_nothing
     cat, owl = (next(it for it in items if it.id.startswith(name) and it.split == "train") for name in ("cat", "owl"))
     with open(project / "data" / "corrections.csv", "a") as f:
         f.write(f"{cat.key},relabel,dog,{cat.id}\n{owl.key},drop,,{owl.id}\n")
-    assert {"prepare", "extract", "train", "evaluate"} <= set(repro(project))
+    # up to the head: the corrected labels reach it through DVC's graph; the stages after it read the head and the
+    # features whatever made them (the digits run and the clone test run them after prepare and train)
+    assert repro(project, "train") == ["scan", "prepare", "extract", "train"]
     assert extracted(project) == (0, 29)  # the same images, one fewer: every row comes from the store
     assert json.loads((project / "reports/prepare/metrics.json").read_text())["corrected"] == 2
     after = {it.id: it for it in sources.read_manifest(project / "data" / "prepared")[0]}
