@@ -94,10 +94,10 @@ def _batch(prep: Any, n: int, folder: Path | None) -> torch.Tensor:
 def traced_extract(trace: Path) -> None:
     """``python -m pipeline.extract`` as bench.__main__.pipeline_extract runs it (in the run directory), with a
     line for each batch the network finishes: the same process, threads and decode workers, and a clock."""
-    from pipeline import extract
+    from pipeline import extract, extraction
     from pipeline.errors import run_stage
 
-    forward = extract._forward
+    forward = extraction._forward
     with trace.open("w") as out:
 
         def timed(*args: Any, **kwargs: Any) -> Any:
@@ -106,7 +106,7 @@ def traced_extract(trace: Path) -> None:
             return result
 
         _line(out, threads=torch.get_num_threads())
-        extract._forward = timed
+        extraction._forward = timed
         sys.argv = ["pipeline.extract", "--prepared", "prepared", "--out", "features", "--metrics", "m.json"]
         run_stage(extract.main)
 

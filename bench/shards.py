@@ -33,7 +33,7 @@ import h5py
 import numpy as np
 
 from pipeline import features, provenance
-from pipeline.extract import WRITE_ROWS
+from pipeline.extraction import WRITE_ROWS
 from pipeline.store import RowStore
 
 REPO = Path(__file__).resolve().parents[1]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import logging
@@ -9,7 +10,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 
 class PipelineError(Exception):
@@ -71,6 +72,20 @@ def run_stage(main: Callable[[], None]) -> None:
         raise
     except (KeyboardInterrupt, Stopped) as stop:
         _stop(stop, who)
+
+
+@contextlib.contextmanager
+def importing() -> Iterator[None]:
+    """For imports a stage makes in ``main()``, once it knows that it needs them: as at its start, with the
+    collector off, and what they made frozen after (run_stage's reasons)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.freeze()
+        if enabled:
+            gc.enable()
 
 
 def _stop(stop: BaseException, who: str) -> None:

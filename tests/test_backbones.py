@@ -95,7 +95,7 @@ def predict_and_export(project: Path, out: Path, *, bare: bool) -> None:
 def test_a_sweep_over_backbones_runs_every_family_through_and_back(
     reproduced: Path, family: str, monkeypatch: pytest.MonkeyPatch
 ):
-    from pipeline import extract, train
+    from pipeline import extraction, train
 
     monkeypatch.chdir(reproduced)  # predict and export rebuild the backbone with its weights file, as recorded
     monkeypatch.setattr(sys, "argv", ["train"])
@@ -112,7 +112,7 @@ def test_a_sweep_over_backbones_runs_every_family_through_and_back(
         predict_and_export(reproduced, reproduced / "models" / f"export-{i}", bare=i == 0)
     if family == "cnn":  # back to the project's VGG: its features come back from DVC's run cache, its rows are kept
         assert repro(reproduced, {"arch": "vgg11", "image_size": 32}, "extract") == ["scan"]
-        stats = extract.extract(load_params(), Path("data/prepared"), Path("data/features"))
+        stats = extraction.extract(load_params(), Path("data/prepared"), Path("data/features"))
         assert stats is not None and (stats["images"], stats["reused"]) == (0, 30)
 
 

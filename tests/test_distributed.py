@@ -17,8 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import distributed, sources
-from pipeline import extract as extract_stage
+from pipeline import distributed, extraction, sources
 from pipeline.config import load_params
 from pipeline.distributed import World
 from pipeline.errors import PipelineError
@@ -66,6 +65,28 @@ def test_each_process_has_its_share_of_the_cores_without_an_affinity_mask(monkey
     assert distributed.cpu_threads(World(size=16, local_size=16)) == 1
 
 
+# The stage's command with extract.nproc 2, up to the launch: what the launcher process has imported by then
+LAUNCHER = """
+import sys
+from pipeline import distributed, extract
+
+def launch(nproc, module, args):
+    print(sorted(m for m in ("torchvision", "timm", "h5py", "pipeline.extraction") if m in sys.modules))
+    return 0
+
+distributed.launch = launch
+extract.main()
+"""
+
+
+def test_the_launcher_starts_the_workers_without_the_network_s_libraries(project: Path):
+    """Regression: the process that only starts the workers imported torchvision, HDF5 and the extraction too,
+    0.9 s of CPU before it started any worker; the workers load them (tests above and tests/test_dvc.py)."""
+    write_params(project, {"extract": {"nproc": 2, "device": "cpu"}})
+    launcher = run(project, "python", "-c", LAUNCHER, *STAGE_ARGS["extract"])
+    assert launcher.stdout == "[]\n", launcher.stderr
+
+
 def test_apples_gpu_serves_one_process_only(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
@@ -109,7 +130,8 @@ def test_two_processes_give_byte_identical_features_and_a_failed_one_leaves_no_f
 
     # the next run continues with the rows both processes kept and gives the bytes of the one-process run
     result = run(digits, *cmd, "--stats", "stats.json")
-    reused = int(re.search(r"rank 0 of 2: __main__: reused ([\d,]+) rows", result.stderr)[1].replace(",", ""))
+    found = re.search(r"rank 0 of 2: pipeline.extraction: reused ([\d,]+) rows", result.stderr)
+    reused = int(found[1].replace(",", ""))
     assert 0 < reused < n, result.stderr
     assert digests(digits) == single
     stats = json.loads((digits / "stats.json").read_text())
@@ -200,13 +222,13 @@ def test_a_cnn_and_a_vit_give_the_same_bytes_grown_over_two_processes_and_after_
         sources.write_manifest(Path("data/prepared"), *sources.discover(params.data, params.seed))
         return Path("data/prepared"), out
 
-    extract_stage.extract(params, *prepared(Path("scratch/features")))
+    extraction.extract(params, *prepared(Path("scratch/features")))
     single = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in Path("scratch/features").glob("*.h5")}
     held = tmp_path / "held"  # a third of the folder, added after a first run
     shutil.copytree("data/raw", held)
     for path in sorted(Path("data/raw").rglob("*.png"))[::3]:
         path.unlink()
-    extract_stage.extract(params, *prepared())
+    extraction.extract(params, *prepared())
     shutil.rmtree("data/raw")
     shutil.copytree(held, "data/raw")
     prepared()

@@ -118,6 +118,25 @@ print(gc.get_freeze_count() >= frozen + 1000)
     assert subprocess.run(script, cwd=tmp_path, env=env, capture_output=True, text=True).stdout == "True\n"
 
 
+def test_imports_a_stage_makes_in_its_main_run_with_the_collector_off_and_are_left_to_the_exit():
+    """As a stage's imports at its start (above): extract imports the network in main(), once it knows that it is
+    not the launcher of other processes."""
+    import gc
+
+    from pipeline.errors import importing
+
+    frozen, enabled = gc.get_freeze_count(), gc.isenabled()
+    gc.enable()
+    try:
+        with importing():
+            assert not gc.isenabled()
+            made = [[] for _ in range(1000)]
+        assert gc.isenabled() and gc.get_freeze_count() >= frozen + len(made)
+    finally:
+        gc.unfreeze()
+        (gc.enable if enabled else gc.disable)()
+
+
 def imagefolder_project(project: Path, classes: tuple[str, ...] = ("cat", "dog"), **data: object) -> Path:
     make_imagefolder(project / "data" / "raw", classes=classes, per_class=4)
     write_params(project, {"data": {"source": "imagefolder", **data}})

@@ -18,13 +18,12 @@ import torch
 import torchvision
 
 from bench.images import make_jpegs
-from pipeline import backbones, batches, decoder, features, images, provenance, sources
-from pipeline import extract as extract_module
+from pipeline import backbones, batches, decoder, extraction, features, images, provenance, sources
 from pipeline.backbones import base, timm_models, vgg, weights, zoo
 from pipeline.config import parse_params
 from pipeline.distributed import World
 from pipeline.errors import PipelineError
-from pipeline.extract import extract
+from pipeline.extraction import extract
 from tests.conftest import make_cifar
 
 FAST = {"arch": "vgg11", "weights": "random", "image_size": 32, "batch_size": 8, "num_workers": 0, "precision": "fp32"}
@@ -149,7 +148,7 @@ def test_decode_is_in_the_provenance_and_picks_the_row_store(tmp_path: Path, mon
     out = extract_each(tmp_path, data, "decode", ("fast", "exact"))
     assert not np.array_equal(out["fast"], out["exact"])
     np.testing.assert_allclose(out["fast"], out["exact"], rtol=0.05, atol=0.05 * np.abs(out["exact"]).max())
-    store = tmp_path / extract_module.STORE_DIR
+    store = tmp_path / extraction.STORE_DIR
     assert len(list(store.iterdir())) == 2  # one store per setting
     shutil.rmtree(store)
 
@@ -162,12 +161,12 @@ def test_decode_is_in_the_provenance_and_picks_the_row_store(tmp_path: Path, mon
             raise KeyboardInterrupt
         return forward(*args, **kwargs)
 
-    forward = extract_module._forward
+    forward = extraction._forward
     fast, _, _ = prepare(tmp_path, data, {"decode": "fast", "storage_dtype": "float32"})
-    monkeypatch.setattr(extract_module, "_forward", stop_after_one_batch)
+    monkeypatch.setattr(extraction, "_forward", stop_after_one_batch)
     with pytest.raises(KeyboardInterrupt):
         extract(fast, tmp_path / "prepared", tmp_path / "features")
-    monkeypatch.setattr(extract_module, "_forward", forward)
+    monkeypatch.setattr(extraction, "_forward", forward)
     exact, _, _ = prepare(tmp_path, data, {"decode": "exact", "storage_dtype": "float32"})
     assert extract(exact, tmp_path / "prepared", tmp_path / "features")["reused"] == 0
     assert digests(tmp_path / "features") == digests(tmp_path / "exact")
@@ -185,7 +184,7 @@ ROW_CODE = (
     vgg.preprocessing, vgg.cut, vgg.init_random, vgg.build, zoo.graph, zoo._stages, zoo._Node, zoo.build, zoo._model,
     zoo.preprocessing, timm_models.facts, timm_models._stages, timm_models.PreLogits, timm_models.Features,
     timm_models.Stage, timm_models.build, timm_models.preprocessing, timm_models._converter, backbones.build_extractor,
-    extract_module._forward, sources.ImageReader, batches.joined, images.read_bytes, decoder.device_pixels,
+    extraction._forward, sources.ImageReader, batches.joined, images.read_bytes, decoder.device_pixels,
     decoder.cpu_crop, decoder.RawImages, decoder.collate, decoder.jpeg_decoder, decoder._torchvision_decode,
     decoder.DeviceDecoder, decoder.on_device,
 )  # fmt: skip
@@ -283,7 +282,7 @@ def test_the_rows_version_picks_the_store_of_the_decodes_it_changed(
     monkeypatch.setattr(provenance, "ROWS_VERSION", version)
     monkeypatch.setattr(provenance, "ROWS_CHANGED", provenance.ROWS_CHANGED | {version: ("fast",)})
     assert extract(params, tmp_path / "prepared", tmp_path / "features")["reused"] == (0 if decode == "fast" else 20)
-    assert len(list((tmp_path / extract_module.STORE_DIR).iterdir())) == (2 if decode == "fast" else 1)
+    assert len(list((tmp_path / extraction.STORE_DIR).iterdir())) == (2 if decode == "fast" else 1)
 
 
 def test_each_device_type_has_its_own_row_store(tmp_path: Path):
@@ -292,7 +291,7 @@ def test_each_device_type_has_its_own_row_store(tmp_path: Path):
     base = {"feature_dim": 512, "storage_dtype": "float16", "arch": "vgg11", "weights": "random", "seed": 0}
     dirs = set()
     for device in ("cpu", "mps", "cuda"):
-        store = extract_module._open_store(tmp_path, base, params.extract, torch.device(device), World(), None)
+        store = extraction._open_store(tmp_path, base, params.extract, torch.device(device), World(), None)
         dirs.add(store.dir.name)
         store.close()
     assert len(dirs) == 3
@@ -327,8 +326,8 @@ def test_run_again_is_said_only_when_running_again_continues(
     store = RowStore(tmp_path / "store", segment=0, dim=2, dtype="float32")
     step = lambda images, views: {"original": np.zeros((2, 2), np.float32)}  # noqa: E731
     ids = {k: f"circle/{k[0]}.png" for k in keys}
-    with caplog.at_level(logging.INFO, logger="pipeline.extract"), pytest.raises(raised):
-        extract_module._extract_shard(step, interrupted_after(stop, batches), store, work, ids=ids, bar=False)
+    with caplog.at_level(logging.INFO, logger="pipeline.extraction"), pytest.raises(raised):
+        extraction._extract_shard(step, interrupted_after(stop, batches), store, work, ids=ids, bar=False)
     store.close()
     kept = [r.getMessage() for r in caplog.records if r.getMessage().startswith("kept ")]
     assert kept == ([f"kept {said.format(tmp_path / 'store')}"] if said else [])
