@@ -81,7 +81,7 @@ extract.main()
 
 def test_the_launcher_starts_the_workers_without_the_network_s_libraries(project: Path):
     """Regression: the process that only starts the workers imported torchvision, HDF5 and the extraction too,
-    0.9 s of CPU before it started any worker; the workers load them (tests above and tests/test_dvc.py)."""
+    0.9 s of CPU before it started any worker; the workers load them (the tests below, and tests/test_dvc.py)."""
     write_params(project, {"extract": {"nproc": 2, "device": "cpu"}})
     launcher = run(project, "python", "-c", LAUNCHER, *STAGE_ARGS["extract"])
     assert launcher.stdout == "[]\n", launcher.stderr
