@@ -102,8 +102,8 @@ def test_a_sweep_over_backbones_runs_every_family_through_and_back(
     for i, (params, resolved) in enumerate(SWEEPS[family]):
         # each family's extraction through dvc repro, then the head that predict and export use, by the train
         # stage's own main() in this process: train, and the stages after it, read features as rows of numbers and
-        # their provenance, the same whatever made them (the project's VGG has been through every stage, and
-        # tests/test_dvc.py's sweep over heads runs train through `dvc exp run` on them)
+        # their provenance, the same whatever made them (the project's VGG features go through every stage by
+        # dvc repro, and through train by dvc exp run in tests/test_dvc.py's sweep over heads)
         assert repro(reproduced, params, "extract") == ["scan", "extract"], params
         prov = features.read_provenance(reproduced / "data" / "features" / "train.h5")
         assert (prov["arch"], prov["layer"], prov["pool"]) == (params["arch"], *resolved)

@@ -131,6 +131,7 @@ def test_two_processes_give_byte_identical_features_and_a_failed_one_leaves_no_f
     # the next run continues with the rows both processes kept and gives the bytes of the one-process run
     result = run(digits, *cmd, "--stats", "stats.json")
     found = re.search(r"rank 0 of 2: pipeline.extraction: reused ([\d,]+) rows", result.stderr)
+    assert found, result.stderr
     reused = int(found[1].replace(",", ""))
     assert 0 < reused < n, result.stderr
     assert digests(digits) == single
