@@ -5,12 +5,14 @@ from __future__ import annotations
 import ast
 import csv
 import hashlib
+import importlib
 import json
 import os
 import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +22,8 @@ import numpy as np
 import pytest
 import yaml
 
-from pipeline import sources, splits
+from pipeline import extraction, sources, splits
+from pipeline.config import load_params
 from pipeline.store import RowStore
 from tests.conftest import ROOT, color_image, git, project_env, run, write_params
 
@@ -92,8 +95,7 @@ def test_a_growing_folder_extracts_only_new_and_changed_images_and_keeps_every_s
     assert all(after[i] in (split, natural[i]) for i, split in before.items() if i in after)
 
     grown = {p.name: digest(p) for p in (project / "data" / "features").glob("*.h5")}
-    assert from_scratch(project) == grown
-    assert extracted(project) == (38, 0)
+    assert from_scratch(project) == (grown, 38)
 
 
 @pytest.mark.slow
@@ -114,7 +116,7 @@ def test_an_incremental_run_killed_mid_extraction_resumes_byte_identically(image
     done, reused = extracted(project)
     assert reused > 30 and done + reused == 270
     resumed = {p.name: digest(p) for p in (project / "data" / "features").glob("*.h5")}
-    assert from_scratch(project) == resumed
+    assert from_scratch(project) == (resumed, 270)
 
 
 def test_a_per_class_limit_run_keeps_the_rows_of_every_listed_image(imagefolder_project: Path):
@@ -163,12 +165,17 @@ def stage_pid(project: Path, module: str) -> int | None:
     return None
 
 
-def from_scratch(project: Path) -> dict[str, str]:
-    """The digests of the features of `dvc repro extract` with no row store and no recorded features to take."""
+def from_scratch(project: Path) -> tuple[dict[str, str], int]:
+    """The digests of the features that the extraction makes with no row store and no recorded features to take,
+    and the images it extracted. It runs in this process, on the threads that conftest gives the stage's processes
+    too: what `dvc repro` made is compared with it."""
     for path in ("data/.feature-store", ".dvc/cache", "data/features"):
         shutil.rmtree(project / path, ignore_errors=True)
-    assert repro(project, "--force", "--single-item", "extract") == ["extract"]
-    return {p.name: digest(p) for p in (project / "data" / "features").glob("*.h5")}
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.chdir(project)
+        stats = extraction.extract(load_params(), Path("data/prepared"), Path("data/features"))
+    assert stats is not None and stats["reused"] == 0
+    return {p.name: digest(p) for p in (project / "data" / "features").glob("*.h5")}, stats["images"]
 
 
 def extracted(project: Path) -> tuple[int, int]:
@@ -320,8 +327,7 @@ def test_a_clone_without_images_trains_on_pulled_features_then_extracts_only_the
     assert "took 30 rows from the recorded features" in result.stderr, result.stderr
     assert extracted(b) == (3, 30)
     seeded = {p.name: digest(p) for p in (b / "data" / "features").glob("*.h5")}
-    assert from_scratch(b) == seeded
-    assert extracted(b) == (33, 0)
+    assert from_scratch(b) == (seeded, 33)
 
 
 def pipeline_imports(module: str, seen: set[str] | None = None) -> set[str]:
@@ -363,12 +369,18 @@ def test_each_stage_lists_exactly_the_modules_it_imports(stage: str):
 
 
 @pytest.mark.slow
-def test_each_stage_run_alone_with_no_arguments_writes_what_dvc_repro_would(imagefolder_project: Path):
+def test_each_stage_run_alone_with_no_arguments_writes_what_dvc_repro_would(
+    imagefolder_project: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Each stage's main() with no arguments, in this process (`python -m pipeline.<stage>` calls it through
+    errors.run_stage, which every `dvc repro` here runs): its default paths are dvc.yaml's."""
     (imagefolder_project / "models/head.pt").unlink()
     for path in ("data/prepared", "data/features", "reports"):
         shutil.rmtree(imagefolder_project / path)
+    monkeypatch.chdir(imagefolder_project)
     for stage in STAGES:
-        run(imagefolder_project, "python", "-m", f"pipeline.{stage}")
+        monkeypatch.setattr(sys, "argv", [f"pipeline/{stage}.py"])
+        importlib.import_module(f"pipeline.{stage}").main()
     # every output is back, with dvc.lock's hashes; only the extraction's images/s is another run's
     status = run(imagefolder_project, "dvc", "status").stdout
     assert status.split() == [
