@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,15 @@ from sklearn import metrics as skm
 from pipeline import evaluate, features, heads, sheets
 from pipeline.config import parse_params
 from pipeline.scores import balanced_accuracy, compute_metrics, score
-from tests.conftest import metrics_of, random_problem, run_stage, write_blob_features, write_params
+from tests.conftest import (
+    copy_project,
+    made_once,
+    metrics_of,
+    random_problem,
+    run_stage,
+    write_blob_features,
+    write_params,
+)
 
 
 def test_metrics_are_scikit_learn_values_on_a_worked_example():
@@ -126,10 +135,22 @@ def test_the_worst_classified_are_the_lowest_true_class_probabilities_first_row_
     assert evaluate.worst_classified(np.array([0.5, 0.1, 0.9, 0.1], dtype=np.float32), count=3) == [1, 3, 0]
 
 
-def _train(project: Path) -> None:
-    write_blob_features(project / "data" / "features")
-    write_params(project, {"train": {"epochs": 5, "device": "cpu"}})
-    run_stage(project, "train")
+@pytest.fixture(scope="session")
+def trained_template(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Path:
+    """A project with blob features and the head that the train stage fits on them (once for the run)."""
+
+    def make(dest: Path) -> None:
+        project = copy_project(dest)
+        write_blob_features(project / "data" / "features")
+        write_params(project, {"train": {"epochs": 5, "device": "cpu"}})
+        run_stage(project, "train")
+
+    return made_once(tmp_path_factory, worker_id, "trained", make)
+
+
+@pytest.fixture
+def trained(trained_template: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(trained_template, tmp_path / "project", symlinks=True))
 
 
 def _audited(project: Path, leaked: list[str]) -> None:
@@ -141,8 +162,8 @@ def _audited(project: Path, leaked: list[str]) -> None:
     (audit_dir / "issues.csv").write_text("\n".join([header, *rows]) + "\n")
 
 
-def test_evaluate_stage_writes_metrics_per_class_results_and_a_named_confusion_matrix(project: Path):
-    _train(project)
+def test_evaluate_stage_writes_metrics_per_class_results_and_a_named_confusion_matrix(trained: Path):
+    project = trained
     test_ids = features.read_ids(project / "data" / "features" / "test.h5")
     _audited(project, test_ids[:30])  # a third of the test images
     result = run_stage(project, "evaluate")
@@ -166,8 +187,8 @@ def test_evaluate_stage_writes_metrics_per_class_results_and_a_named_confusion_m
     assert len(cells) == 90 and {c["actual"] for c in cells} == {"a", "b", "c"}
 
 
-def test_evaluate_stage_refuses_features_from_another_class_list(project: Path):
-    _train(project)
+def test_evaluate_stage_refuses_features_from_another_class_list(trained: Path):
+    project = trained
     _audited(project, [])
     write_blob_features(project / "data" / "features", class_names=["a", "b", "z"])
     result = run_stage(project, "evaluate", check=False)
