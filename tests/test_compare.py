@@ -90,14 +90,14 @@ def test_refusals_are_one_error_line(history: Path, args: list[str], message: st
 
 
 @pytest.mark.slow
-def test_an_experiment_against_head_the_workspace_and_all_of_them(reproduced: Path):
+def test_an_experiment_against_head_the_workspace_and_all_of_them(reproduced: Path, monkeypatch, capsys):
     """Real `dvc repro` and `dvc exp run` outputs, from the DVC cache: the experiment's results are also the
-    workspace's, so all three ways say the same."""
+    workspace's, so all three ways say the same. The first is the command; the others, its main() here."""
     project = reproduced
     run(project, "dvc", "exp", "run", "-q", "-n", "logreg", "-S", "train.head=logreg")
     by_name = run(project, "python", "-m", "pipeline.compare", "HEAD", "logreg").stdout
-    workspace = run(project, "python", "-m", "pipeline.compare").stdout
-    everything = run(project, "python", "-m", "pipeline.compare", "--all").stdout
+    workspace = compare_in(project, monkeypatch=monkeypatch, capsys=capsys)
+    everything = compare_in(project, "--all", monkeypatch=monkeypatch, capsys=capsys)
     head = run(project, "git", "rev-parse", "--short=7", "HEAD").stdout.strip()
     exp = run(project, "git", "rev-parse", "--short=7", "refs/exps/" + _exp_ref(project)).stdout.strip()
     assert by_name.splitlines()[0] == f"A = HEAD ({head}), B = logreg ({exp}): 8 paired test images"
@@ -110,9 +110,11 @@ def test_an_experiment_against_head_the_workspace_and_all_of_them(reproduced: Pa
     )
     assert by_name.strip() in everything and "2 comparisons stay significant under Bonferroni" in everything
 
-    refused = run(project, "python", "-m", "pipeline.compare", "HEAD~1", "logreg", check=False)
-    assert refused.returncode == 2 and refused.stdout == ""
-    assert refused.stderr.strip().splitlines() == [
+    with pytest.raises(SystemExit) as stop:
+        compare_in(project, "HEAD~1", "logreg", monkeypatch=monkeypatch, capsys=capsys)
+    refused = capsys.readouterr()
+    assert stop.value.code == 2 and refused.out == ""
+    assert refused.err.strip().splitlines() == [
         "error: reports/evaluate/predictions.csv not found at HEAD~1 "
         f"({run(project, 'git', 'rev-parse', '--short=7', 'HEAD~1').stdout.strip()}): run `dvc repro evaluate` "
         "there, or `dvc exp run`"

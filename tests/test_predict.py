@@ -62,9 +62,14 @@ def test_predict_matches_evaluate_and_reports_bad_files(trained: Path):
     assert "cat" in result.stdout and "error: UnidentifiedImageError" in result.stdout
 
 
-def test_predict_takes_folders(trained: Path):
-    result = run(trained, "python", "-m", "pipeline.predict", "data/raw/owl", "--top-k", "1")
-    assert result.stdout.count("data/raw/owl/") == 10
+def test_predict_takes_folders(trained: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture):
+    """The command's main() in this process (the test above runs the command)."""
+    from pipeline import predict
+
+    monkeypatch.chdir(trained)
+    monkeypatch.setattr(sys, "argv", ["predict", "data/raw/owl", "--top-k", "1"])
+    predict.main()
+    assert capsys.readouterr().out.count("data/raw/owl/") == 10
 
 
 @pytest.fixture(scope="session")
