@@ -31,7 +31,8 @@ import yaml
 
 from bench import photos
 from bench.images import make_jpegs
-from pipeline.config import defaults
+from pipeline.config import defaults, parse_params
+from pipeline.scan import check_backbone
 
 REPO = Path(__file__).resolve().parents[1]
 PROJECT_FILES = ("dvc.yaml", "params.yaml", "pipeline", ".dvc/config", ".dvc/.gitignore", ".dvcignore")
@@ -134,10 +135,9 @@ def pipeline_run_dir(root: Path, work: Path, tag: str, extract: dict[str, Any]) 
         shutil.rmtree(run_dir / "prepared", ignore_errors=True)
         shutil.copytree(done / "prepared", run_dir / "prepared")
     else:
-        for earlier in _PREPARED.values():  # scan checks the backbone again only for settings it has not passed
-            if (record := earlier / ".images-backbone.json").is_file():
-                shutil.copy2(record, run_dir / record.name)
-                break
+        # scan's check of the backbone's settings, here, where torch is imported anyway: the scan process then
+        # finds them passed, and lists the folder without importing torch for that alone
+        check_backbone(parse_params(params).extract, run_dir / ".images-backbone.json")
         measured([sys.executable, "-m", "pipeline.scan", "--out", "images.csv"], run_dir)
         prepare = ["--images", "images.csv", "--corrections", "corrections.csv"]  # none there: no corrections
         prepare += ["--out", "prepared", "--metrics", "prepare.json"]
