@@ -199,6 +199,26 @@ def reproduced(reproduced_template: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(reproduced_template, tmp_path / "project", symlinks=True))
 
 
+@pytest.fixture(scope="session")
+def head_experiment_template(
+    reproduced_template: Path, tmp_path_factory: pytest.TempPathFactory, worker_id: str
+) -> Path:
+    """The session's project after `dvc exp run -n logreg -S train.head=logreg`, a head experiment on its cached
+    features (the sweep over heads, and compare against it); what the command printed is in exp-run.txt beside it."""
+
+    def make(dest: Path) -> None:
+        project = Path(shutil.copytree(reproduced_template, dest, symlinks=True))
+        ran = run(project, "dvc", "exp", "run", "-n", "logreg", "-S", "train.head=logreg")
+        (dest.parent / "exp-run.txt").write_text(ran.stdout)
+
+    return made_once(tmp_path_factory, worker_id, "head-experiment", make)
+
+
+@pytest.fixture
+def head_experiment(head_experiment_template: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(head_experiment_template, tmp_path / "project", symlinks=True))
+
+
 def project_files(source: Path) -> list[str]:
     """The files of PROJECT_FILES in ``source`` that the repository holds: those git tracks, and untracked ones it
     does not ignore (a module being written), never ignored ones (caches, `python -m pipeline.plots`'s output).

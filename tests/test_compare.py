@@ -90,11 +90,10 @@ def test_refusals_are_one_error_line(history: Path, args: list[str], message: st
 
 
 @pytest.mark.slow
-def test_an_experiment_against_head_the_workspace_and_all_of_them(reproduced: Path, monkeypatch, capsys):
+def test_an_experiment_against_head_the_workspace_and_all_of_them(head_experiment: Path, monkeypatch, capsys):
     """Real `dvc repro` and `dvc exp run` outputs, from the DVC cache: the experiment's results are also the
     workspace's, so all three ways say the same. The first is the command; the others, its main() here."""
-    project = reproduced
-    run(project, "dvc", "exp", "run", "-q", "-n", "logreg", "-S", "train.head=logreg")
+    project = head_experiment
     by_name = run(project, "python", "-m", "pipeline.compare", "HEAD", "logreg").stdout
     workspace = compare_in(project, monkeypatch=monkeypatch, capsys=capsys)
     everything = compare_in(project, "--all", monkeypatch=monkeypatch, capsys=capsys)

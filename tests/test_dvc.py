@@ -266,15 +266,18 @@ def test_a_hundred_classes_of_three_images_run_through_and_their_metrics_fit_160
     assert metrics_width(run(project, "dvc", "metrics", "show").stdout) <= 160
 
 
-@pytest.mark.slow
-def test_a_sweep_over_heads_reuses_the_cached_features(imagefolder_project: Path):
-    features = {p.name: digest(p) for p in (imagefolder_project / "data" / "features").glob("*.h5")}
-    out = run(imagefolder_project, "dvc", "exp", "run", "-S", "train.head=logreg").stdout
+def test_a_sweep_over_heads_reuses_the_cached_features(
+    reproduced_template: Path, head_experiment_template: Path, head_experiment: Path
+):
+    """`dvc exp run -S train.head=logreg` on the session's project (conftest runs it once, for compare's test too):
+    train and evaluate alone, on the features as they were."""
+    out = (head_experiment_template.parent / "exp-run.txt").read_text()
     assert re.findall(r"Running stage '(\w+)'", out) == ["scan", "train", "evaluate"], out
-    assert "logreg" in run(imagefolder_project, "dvc", "exp", "show", "--json").stdout
-    plots = json.loads(run(imagefolder_project, "dvc", "plots", "show", "--json").stdout)
+    assert "logreg" in run(head_experiment, "dvc", "exp", "show", "--json").stdout
+    plots = json.loads(run(head_experiment, "dvc", "plots", "show", "--json").stdout)
     assert "errors" not in plots and {"loss", "accuracy"} <= set(plots["data"])  # logreg draws the curves too
-    assert {p.name: digest(p) for p in (imagefolder_project / "data" / "features").glob("*.h5")} == features
+    before = {p.name: digest(p) for p in (reproduced_template / "data" / "features").glob("*.h5")}
+    assert {p.name: digest(p) for p in (head_experiment / "data" / "features").glob("*.h5")} == before
 
 
 def test_changing_only_nproc_reruns_extract_alone_which_reuses_every_row(imagefolder_project: Path):
