@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 import signal
 import socket
@@ -113,45 +112,27 @@ def test_apples_gpu_serves_one_process_only(monkeypatch: pytest.MonkeyPatch):
 
 @pytest.fixture
 def digits(project: Path) -> Path:
-    """Digits through vgg11 at 32 px in batches of 16, with flipped training images, 20 training images a class
-    and 5% of the images each for val and test (380 in all): a few seconds a run."""
+    """Digits through vgg11 at 32 px in batches of 16, with flipped training images, 5 training images a class
+    and 5% of the images each for val and test (about 140 in all)."""
     write_params(project, {"extract": {"batch_size": 16, "views": ["original", "hflip"]}})
-    write_params(project, {"data": {"per_class_limit": 20, "val_fraction": 0.05, "test_fraction": 0.05}})
+    write_params(project, {"data": {"per_class_limit": 5, "val_fraction": 0.05, "test_fraction": 0.05}})
     run_stage(project, "prepare")
     return project
 
 
 @pytest.mark.slow
-def test_two_processes_give_byte_identical_features_and_a_failed_one_leaves_no_file(
-    digits: Path, monkeypatch: pytest.MonkeyPatch
-):
+def test_two_processes_give_the_bytes_of_one_in_every_view(digits: Path, monkeypatch: pytest.MonkeyPatch):
+    """VGG with a second view: the launcher's two processes, each with its share of the batches, against one
+    process. A kill and the resume after it: below, for a CNN and a ViT."""
     n = len((digits / "data/prepared/manifest.csv").read_text().splitlines()) - 1
     assert one_process(digits, monkeypatch)["images"] == n
     single = digests(digits)
     for path in [FEATURES, STORE]:
         subprocess.run(["rm", "-rf", str(digits / path)], check=True)
-
-    # rank 1 is killed once it has saved some rows: the run fails, names it, and leaves no final file
-    cmd = stage(digits, 2)
-    proc = subprocess.Popen(cmd, cwd=digits, env=project_env(digits), stderr=subprocess.PIPE, text=True)
-    rank1 = wait_for_rank_progress(digits, proc, rank=1)
-    os.kill(rank1, signal.SIGKILL)
-    _, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 128 + signal.SIGKILL
-    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
-    assert errors == ["error: rank 1 of 2: killed by SIGKILL"]
-    assert "rank 0 of 2: terminated" in stderr and "Traceback" not in stderr  # stopped by the launcher; kept its rows
-    assert not (digits / FEATURES).exists() and not (digits / "reports/extract/metrics.json").exists()
-
-    # the next run continues with the rows both processes kept and gives the bytes of the one-process run
-    result = run(digits, *cmd, "--stats", "stats.json")
-    found = re.search(r"rank 0 of 2: pipeline.extraction: reused ([\d,]+) rows", result.stderr)
-    assert found, result.stderr
-    reused = int(found[1].replace(",", ""))
-    assert 0 < reused < n, result.stderr
+    run(digits, *stage(digits, 2), "--stats", "stats.json")
     assert digests(digits) == single
     stats = json.loads((digits / "stats.json").read_text())
-    assert (stats["processes"], stats["reused"], stats["images"]) == (2, reused, n - reused)
+    assert (stats["processes"], stats["reused"], stats["images"]) == (2, 0, n)
 
 
 def wait_for_rank_progress(project: Path, proc: subprocess.Popen, *, rank: int) -> int:
@@ -248,11 +229,19 @@ def test_a_cnn_and_a_vit_give_the_same_bytes_grown_over_two_processes_and_after_
     shutil.rmtree("data/raw")
     shutil.copytree(held, "data/raw")
     prepared()
+    shutil.rmtree(FEATURES)  # as DVC removes a stage's outputs before it runs
     cmd = stage(project, 2)
     proc = subprocess.Popen(cmd, cwd=project, env=project_env(project), stderr=subprocess.PIPE, text=True)
     os.kill(wait_for_rank_progress(project, proc, rank=1), signal.SIGKILL)
-    proc.communicate(timeout=60)
+    # the run fails, names the killed process, and leaves no final file; the other is stopped and keeps its rows
+    _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGKILL
+    assert [line for line in stderr.splitlines() if line.startswith("error:")] == [
+        "error: rank 1 of 2: killed by SIGKILL"
+    ], stderr
+    assert "rank 0 of 2: terminated" in stderr and "Traceback" not in stderr, stderr
+    assert not (project / FEATURES).exists() and not (project / "reports/extract/metrics.json").exists()
+    # the next run continues from the rows that both processes kept, and gives the one-process bytes
     result = run(project, *cmd, "--stats", "stats.json")
     assert digests(project) == single, result.stderr
     stats = json.loads((project / "stats.json").read_text())
