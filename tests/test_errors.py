@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, make_imagefolder, run, write_params
+from tests.conftest import ROOT, make_imagefolder, record_backbone_check, run, write_params
 
 
 def failed_repro(project: Path, *args: str) -> str:
@@ -28,6 +28,7 @@ def failed_repro(project: Path, *args: str) -> str:
 
 def test_offline_imagenet_weights(project: Path):
     write_params(project, {"extract": {"weights": "imagenet"}})  # an empty TORCH_HOME, and downloads refused
+    record_backbone_check(project)  # scan's check passes these settings (no weights loaded): extract refuses them
     error = failed_repro(project)
     assert "ImageNet weights vgg11-8a719046.pth are not in the torch hub cache" in error
     assert "extract.weights: random" in error
