@@ -18,6 +18,7 @@ from pipeline.config import DataConfig, dvc_path, load_params, to_dict, with_dvc
 from pipeline.distributed import World
 from pipeline.errors import PipelineError, importing, run_stage
 from pipeline.files import replaced
+from pipeline.store import STORE_DIR
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +47,13 @@ def main() -> None:
         sys.exit(distributed.launch(nproc, "pipeline.extract", sys.argv[1:]))
     world = World.from_env()
     distributed.die_with_launcher()
-    with importing():  # the network and its libraries, torchvision's and HDF5's among them: a launcher (above)
-        from pipeline.extraction import extract  # only starts the workers, 0.9 s sooner without them
-
-    if world.main:
-        log.info("extract params: %s", to_dict(params.extract))
     with distributed.joined(world):
+        # processes on machines that do not share the project stop here, before any of them loads the network
+        distributed.check_shared(args.out.parent / STORE_DIR, world)
+        with importing():  # the network and its libraries, torchvision's and HDF5's among them: a launcher
+            from pipeline.extraction import extract  # (above) only starts the workers, 0.9 s sooner without them
+        if world.main:
+            log.info("extract params: %s", to_dict(params.extract))
         keep = _listed(params.data) if world.main else frozenset()  # rank 0 alone compacts the store
         stats = extract(params, args.prepared, args.out, world, keep=keep)
     if stats is None:

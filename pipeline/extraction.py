@@ -25,11 +25,10 @@ from pipeline.distributed import World
 from pipeline.errors import PipelineError, Stopped
 from pipeline.files import replaced
 from pipeline.hardware import decode_workers, resolve_precision
-from pipeline.store import RowStore, prune_stores, settings_key
+from pipeline.store import STORE_DIR, RowStore, prune_stores, settings_key
 
 log = logging.getLogger(__name__)
 
-STORE_DIR = ".feature-store"  # next to the features directory, outside DVC's outputs (see pipeline.store)
 OLD_PROGRESS_DIR = ".extract-progress"  # the resumable work files of earlier releases, which the store replaced
 COMMIT_EVERY = 4  # batches between store commits (fsync): at most this many are redone after a kill
 WRITE_ROWS = 4096  # rows per block when the stored rows are copied into the HDF5 outputs
@@ -61,7 +60,6 @@ def extract(
     needs = features.needed_views({split: [it.key for it in items] for split, items in rows.items()}, cfg.views)
     if world.main:  # take what the recorded features hold of the rows this store lacks
         committed.seed(store, needs, out_dir)
-    distributed.check_shared(store.dir, world)
     # content key -> views without a row, in manifest order; rank 0's, which every process reads before any writes
     todo = distributed.broadcast(store.missing(needs) if world.main else None, world)
     first_id = {bytes.fromhex(it.key): it.id for it in reversed(items)}  # the id of the first image of each key

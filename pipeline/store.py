@@ -40,6 +40,7 @@ from filelock import FileLock, Timeout
 
 log = logging.getLogger(__name__)
 
+STORE_DIR = ".feature-store"  # the root, next to the features directory, outside DVC's outputs
 KEY_BYTES = 16
 USED = "used"
 COMPACT_LOCK = "compact.lock"

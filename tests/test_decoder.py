@@ -13,12 +13,13 @@ import torch
 from PIL import Image
 
 from bench.images import make_jpegs
-from pipeline import decoder, extraction, features
+from pipeline import decoder, features
 from pipeline.backbones import build_extractor
 from pipeline.backbones.base import Images, Preprocessing
 from pipeline.errors import PipelineError
 from pipeline.extraction import extract
 from pipeline.images import open_image, read_bytes
+from pipeline.store import STORE_DIR
 from tests.test_extract import prepare
 from tests.test_prepare import BAD, GOOD, jpeg_bytes
 
@@ -128,7 +129,7 @@ def test_device_decode_has_its_own_store_and_provenance(tmp_path: Path):
         stats = extract(params, tmp_path / "prepared", out)
         made[decode] = features.read_features(out / "train.h5").features["original"]
     assert stats["reused"] == len(items) and stats["images"] == 0  # the second device run: every row reused
-    assert len(list((tmp_path / extraction.STORE_DIR).iterdir())) == 2
+    assert len(list((tmp_path / STORE_DIR).iterdir())) == 2
     prov = features.read_provenance(out / "train.h5")
     assert prov["decode"] == "device" and prov["decoder"] == decoder.DeviceDecoder(PREP, CPU).name
     a, b = made["exact"], made["device"]

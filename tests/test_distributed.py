@@ -198,6 +198,7 @@ def test_machines_that_do_not_share_the_project_directory_are_refused(small: Pat
     results = launch_two_machines([small, other])
     assert all(r.returncode != 0 for r in results)
     assert all("need the project directory on a filesystem they all share" in r.stderr for r in results)
+    assert not any("extract params" in r.stderr for r in results)  # refused first: nothing set up, no network built
     assert not (small / FEATURES).exists() and not (other / FEATURES).exists()
 
 

@@ -24,6 +24,7 @@ from pipeline.config import parse_params
 from pipeline.distributed import World
 from pipeline.errors import PipelineError
 from pipeline.extraction import extract
+from pipeline.store import STORE_DIR
 from tests.conftest import make_cifar
 
 FAST = {"arch": "vgg11", "weights": "random", "image_size": 32, "batch_size": 8, "num_workers": 0, "precision": "fp32"}
@@ -148,7 +149,7 @@ def test_decode_is_in_the_provenance_and_picks_the_row_store(tmp_path: Path, mon
     out = extract_each(tmp_path, data, "decode", ("fast", "exact"))
     assert not np.array_equal(out["fast"], out["exact"])
     np.testing.assert_allclose(out["fast"], out["exact"], rtol=0.05, atol=0.05 * np.abs(out["exact"]).max())
-    store = tmp_path / extraction.STORE_DIR
+    store = tmp_path / STORE_DIR
     assert len(list(store.iterdir())) == 2  # one store per setting
     shutil.rmtree(store)
 
@@ -282,7 +283,7 @@ def test_the_rows_version_picks_the_store_of_the_decodes_it_changed(
     monkeypatch.setattr(provenance, "ROWS_VERSION", version)
     monkeypatch.setattr(provenance, "ROWS_CHANGED", provenance.ROWS_CHANGED | {version: ("fast",)})
     assert extract(params, tmp_path / "prepared", tmp_path / "features")["reused"] == (0 if decode == "fast" else 20)
-    assert len(list((tmp_path / extraction.STORE_DIR).iterdir())) == (2 if decode == "fast" else 1)
+    assert len(list((tmp_path / STORE_DIR).iterdir())) == (2 if decode == "fast" else 1)
 
 
 def test_each_device_type_has_its_own_row_store(tmp_path: Path):
