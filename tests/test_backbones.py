@@ -30,10 +30,11 @@ from tests.conftest import record_backbone_check, run, write_params
 # whose classifier has another size (a DDP checkpoint dict, a 2-way VGG, timm models of 10 classes), a timm ViT
 # with a register token and no class token, a timm NHWC model (MambaOut) and a timm CNN's stage. The project's own
 # vgg11 is the first run. ViT-B/32 takes ViT-B/16's path at a quarter of its work; EfficientNet's cut is checked in
-# tests/test_zoo.py. Each run: (extract params, the layer and pool it resolves to); the first of each: bare export.
+# tests/test_zoo.py, and the 2-way VGG's fc7 cut (119M parameters to load and export here) in tests/test_weights.py.
+# Each run: (extract params, the layer and pool it resolves to); the first of each: bare export.
 SWEEPS = {
     "cnn": [({"arch": "resnet18", "image_size": 32, "weights": "resnet18-ddp.pth"}, ("penultimate", "flatten")),
-            ({"arch": "vgg11", "image_size": 32, "weights": "vgg11-two.pth", "layer": "fc7"}, ("fc7", "flatten"))],
+            ({"arch": "vgg11", "image_size": 32, "weights": "vgg11-two.pth", "layer": "pool4"}, ("pool4", "avg"))],
     "vit": [({"arch": "timm/test_vit4", "weights": "test_vit4-ten.pth", "pool": "mean"}, ("penultimate", "mean")),
             ({"arch": "vit_b_32"}, ("penultimate", "flatten"))],
     "timm-cnn": [({"arch": "timm/test_mambaout", "pool": "max"}, ("penultimate", "max")),
