@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import pickle
 import shutil
@@ -352,6 +353,23 @@ STAGE_ARGS = {
     + ["--live", "reports/evaluate"],
     "curve": ["--features", "data/features", "--out", "reports/curve"],
 }
+
+
+def stage_main(monkeypatch: pytest.MonkeyPatch, stage: str, *args: str) -> None:
+    """A stage's (or command's) main() in this process and its working directory, with ``args`` as its command
+    line: what `python -m pipeline.<stage>` runs, less errors.run_stage around it."""
+    monkeypatch.setattr(sys, "argv", [f"pipeline/{stage}.py", *args])
+    importlib.import_module(f"pipeline.{stage}").main()
+
+
+def extract_here() -> dict[str, float]:
+    """The extraction of the working directory's project, in this process, from data/prepared into data/features
+    (the stage's paths); its figures."""
+    from pipeline import extraction
+
+    stats = extraction.extract(load_params(), Path("data/prepared"), Path("data/features"))
+    assert stats is not None
+    return stats
 
 
 def run_stage(project: Path, stage: str, check: bool = True) -> subprocess.CompletedProcess:

@@ -21,10 +21,10 @@ from torch import nn
 
 from pipeline import backbones, features
 from pipeline.backbones.base import Output, Pool, Preprocessing, choose_pool
-from pipeline.config import ExtractConfig, load_params
+from pipeline.config import ExtractConfig
 from pipeline.errors import PipelineError
 from pipeline.images import open_image
-from tests.conftest import record_backbone_check, run, write_params
+from tests.conftest import extract_here, record_backbone_check, run, stage_main, write_params
 
 # Each family through dvc repro, with its contract's hard cases (random weights, on the CPU): fine-tuned files
 # whose classifier has another size (a DDP checkpoint dict, a 2-way VGG, timm models of 10 classes), a timm ViT
@@ -96,10 +96,7 @@ def predict_and_export(project: Path, out: Path, *, bare: bool) -> None:
 def test_a_sweep_over_backbones_runs_every_family_through_and_back(
     reproduced: Path, family: str, monkeypatch: pytest.MonkeyPatch
 ):
-    from pipeline import extraction, train
-
     monkeypatch.chdir(reproduced)  # predict and export rebuild the backbone with its weights file, as recorded
-    monkeypatch.setattr(sys, "argv", ["train"])
     for i, (params, resolved) in enumerate(SWEEPS[family]):
         # each family's extraction through dvc repro, then the head that predict and export use, by the train
         # stage's own main() in this process: train, and the stages after it, read features as rows of numbers and
@@ -109,12 +106,12 @@ def test_a_sweep_over_backbones_runs_every_family_through_and_back(
         prov = features.read_provenance(reproduced / "data" / "features" / "train.h5")
         assert (prov["arch"], prov["layer"], prov["pool"]) == (params["arch"], *resolved)
         assert prov["weights_source"].startswith(f"file {params['weights']} ") if "weights" in params else True
-        train.main()
+        stage_main(monkeypatch, "train")
         predict_and_export(reproduced, reproduced / "models" / f"export-{i}", bare=i == 0)
     if family == "cnn":  # back to the project's VGG: its features come back from DVC's run cache, its rows are kept
         assert repro(reproduced, {"arch": "vgg11", "image_size": 32}, "extract") == ["scan"]
-        stats = extraction.extract(load_params(), Path("data/prepared"), Path("data/features"))
-        assert stats is not None and (stats["images"], stats["reused"]) == (0, 30)
+        stats = extract_here()
+        assert (stats["images"], stats["reused"]) == (0, 30)
 
 
 RANDOM = ExtractConfig(weights="random")

@@ -21,7 +21,7 @@ from pipeline.config import load_params
 from pipeline.distributed import World
 from pipeline.errors import PipelineError
 from pipeline.hardware import usable_cores
-from tests.conftest import STAGE_ARGS, make_imagefolder, project_env, run, run_stage, write_params
+from tests.conftest import STAGE_ARGS, extract_here, make_imagefolder, project_env, run, run_stage, write_params
 
 FEATURES = Path("data/features")
 STORE = Path("data/.feature-store")
@@ -47,11 +47,9 @@ def one_process(project: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, flo
     threads = torch.get_num_threads()
     torch.set_num_threads(usable_cores())
     try:
-        stats = extraction.extract(load_params(), Path("data/prepared"), FEATURES)
+        return extract_here()
     finally:
         torch.set_num_threads(threads)
-    assert stats is not None
-    return stats
 
 
 def digests(project: Path) -> dict[str, str]:

@@ -5,14 +5,12 @@ from __future__ import annotations
 import ast
 import csv
 import hashlib
-import importlib
 import json
 import os
 import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,10 +20,9 @@ import numpy as np
 import pytest
 import yaml
 
-from pipeline import extraction, sources, splits
-from pipeline.config import load_params
+from pipeline import sources, splits
 from pipeline.store import RowStore
-from tests.conftest import ROOT, color_image, git, project_env, run, write_params
+from tests.conftest import ROOT, color_image, extract_here, git, project_env, run, stage_main, write_params
 
 STAGES = ("scan", "prepare", "extract", "train", "audit", "evaluate", "curve")
 
@@ -131,8 +128,7 @@ def test_a_per_class_limit_run_keeps_the_rows_of_every_listed_image(
     write_params(project, {"data": {"per_class_limit": 0}})
     monkeypatch.chdir(project)
     for stage in ("prepare", "extract"):
-        monkeypatch.setattr(sys, "argv", [f"pipeline/{stage}.py"])
-        importlib.import_module(f"pipeline.{stage}").main()
+        stage_main(monkeypatch, stage)
     assert extracted(project) == (0, 30)
 
 
@@ -179,8 +175,8 @@ def from_scratch(project: Path) -> tuple[dict[str, str], int]:
         shutil.rmtree(project / path, ignore_errors=True)
     with pytest.MonkeyPatch.context() as monkeypatch:
         monkeypatch.chdir(project)
-        stats = extraction.extract(load_params(), Path("data/prepared"), Path("data/features"))
-    assert stats is not None and stats["reused"] == 0
+        stats = extract_here()
+    assert stats["reused"] == 0
     return {p.name: digest(p) for p in (project / "data" / "features").glob("*.h5")}, stats["images"]
 
 
@@ -387,8 +383,7 @@ def test_each_stage_run_alone_with_no_arguments_writes_what_dvc_repro_would(
         shutil.rmtree(imagefolder_project / path)
     monkeypatch.chdir(imagefolder_project)
     for stage in STAGES:
-        monkeypatch.setattr(sys, "argv", [f"pipeline/{stage}.py"])
-        importlib.import_module(f"pipeline.{stage}").main()
+        stage_main(monkeypatch, stage)
     # every output is back, with dvc.lock's hashes; only the extraction's images/s is another run's
     status = run(imagefolder_project, "dvc", "status").stdout
     assert status.split() == [

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from pipeline import features, heads, sources
-from tests.conftest import run
+from tests.conftest import run, stage_main
 
 
 @pytest.fixture(scope="session")
@@ -64,11 +64,8 @@ def test_predict_matches_evaluate_and_reports_bad_files(trained: Path):
 
 def test_predict_takes_folders(trained: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture):
     """The command's main() in this process (the test above runs the command)."""
-    from pipeline import predict
-
     monkeypatch.chdir(trained)
-    monkeypatch.setattr(sys, "argv", ["predict", "data/raw/owl", "--top-k", "1"])
-    predict.main()
+    stage_main(monkeypatch, "predict", "data/raw/owl", "--top-k", "1")
     assert capsys.readouterr().out.count("data/raw/owl/") == 10
 
 
